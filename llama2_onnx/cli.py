@@ -1,0 +1,56 @@
+"""The ``llama2-onnx`` command: dispatches to each part's CLI.
+
+Each part (export, runtime, benchmarks) has a torch-free ``cli`` module with
+``add_arguments(parser)`` and ``run(args)``; torch is imported only inside the
+``run`` of the commands that need it, so ``--help`` works without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import UserError
+
+# subcommand -> (module with add_arguments/run, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "export": ("llama2_onnx.export.cli", "convert a Llama checkpoint (Meta .pth, HF safetensors, GGUF) to an ONNX model folder"),
+    "generate": ("llama2_onnx.runtime.cli_generate", "generate text from a prompt with an exported model"),
+    "chat": ("llama2_onnx.runtime.cli_chat", "chat with an exported model (the default model when none is given)"),
+    "bench": ("llama2_onnx.benchmarks.cli", "benchmark prompt and decode speed, with and without I/O binding, against peers"),
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    parser = argparse.ArgumentParser(prog="llama2-onnx", description="Export Llama 2 checkpoints to ONNX and run them on ONNX Runtime.")
+    parser.add_argument("--version", action="version", version=f"llama2-onnx {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
+        module.add_arguments(p)
+        modules[name] = module
+    return parser, modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, modules = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return modules[args.command].run(args) or 0
+    except UserError as e:
+        print(f"llama2-onnx {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

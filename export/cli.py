@@ -1,11 +1,41 @@
-"""CLI (not implemented yet)."""
+"""`llama2-onnx export`: parse, then call export_model. Imports torch only when run."""
 
-from llama2_onnx.errors import UserError
+from __future__ import annotations
+
+import json
 
 
-def add_arguments(parser) -> None:
-    pass
+def add_arguments(p) -> None:
+    p.add_argument("checkpoint", help="a Meta folder (params.json + consolidated.NN.pth), a Hugging Face folder "
+                                      "(config.json + safetensors), or a .gguf file")
+    p.add_argument("out", help="the model folder to write")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="weight and KV-cache precision (fp16 keeps norms, rotary and softmax in float32); default fp32")
+    p.add_argument("--max-seq-len", type=int, default=None, help="context length to record (default: the checkpoint's)")
+    p.add_argument("--opset", type=int, default=23, help="ONNX opset, 18-23 (default 23)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.model or tokenizer.json to use when none is beside the weights")
+    p.add_argument("--chat-format", choices=["llama2", "chatml"], default=None,
+                   help="chat format to record (default: from the checkpoint; llama2 for a SentencePiece vocabulary)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX-vs-PyTorch check")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
 def run(args) -> int:
-    raise UserError("not implemented yet")
+    from .api import export_model  # torch is imported here, not at --help
+
+    result = export_model(
+        checkpoint=args.checkpoint, out=args.out, precision=args.precision, max_seq_len=args.max_seq_len,
+        opset=args.opset, overwrite=args.overwrite, verify_export=not args.no_verify,
+        tokenizer=args.tokenizer, chat_format=args.chat_format, progress=not args.quiet,
+    )
+    v = result.config.verify
+    if args.json:
+        print(json.dumps({"out": str(result.out), "precision": args.precision, "seconds": result.seconds, "verify": v}))
+        return 0
+    print(f"wrote {result.out} ({args.precision})")
+    if v:
+        print(f"verify: max |logit diff| {v['max_abs_logit_diff']:.2e}, top-1 agreement {v['top1_agreement']:.1%}, "
+              f"greedy {v['greedy_agreement']}/{v['greedy_tokens']} tokens")
+    return 0

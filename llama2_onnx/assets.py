@@ -156,3 +156,25 @@ def smollm2_gguf() -> Path:
 def llama_vocab_gguf() -> Path:
     """The Llama 2 vocabulary (32000 pieces) as a vocab-only GGUF."""
     return fetch(LLAMA_VOCAB.name)
+
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct-fp32"
+
+
+def default_model_dir(progress: bool = True) -> Path:
+    """The default model's folder: SmolLM2-135M-Instruct exported to fp32 in the cache folder.
+
+    Exported on first use (this needs the `export` extra: torch); reused after.
+    """
+    out = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    if (out / "manifest.json").is_file():
+        return out
+    try:
+        from llama2_onnx.export.api import export_model
+    except ImportError as e:
+        raise AssetError(f"the default model is not exported yet and exporting needs torch ({e.name} is missing); "
+                         "install llama2-onnx[export] or pass a model folder") from None
+    gguf = smollm2_gguf()
+    print(f"exporting the default model {DEFAULT_MODEL_NAME} to {out} (first use only) ...", file=sys.stderr)
+    export_model(checkpoint=gguf, out=out, precision="fp32", overwrite=True, progress=progress)
+    return out

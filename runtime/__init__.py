@@ -1,1 +1,18 @@
-"""runtime."""
+"""The runtime: ONNX Runtime inference over an exported model folder. Never imports torch.
+
+    from llama2_onnx.runtime import Generator
+    gen = Generator.from_dir("out/llama-2-7b-chat")        # provider="auto", io_binding=True
+    print(gen.chat([{"role": "user", "content": "Hi!"}]).text)
+"""
+
+from .chat_format import CHAT_FORMATS, format_dialog
+from .folder import FolderConfig, ModelFolderError
+from .generator import GenerationResult, Generator, TextStream, Timings
+from .sampler import SamplingParams, sample
+from .session import KVCache, Model
+from .tokenizer import StreamDecoder, load_tokenizer
+
+__all__ = [
+    "CHAT_FORMATS", "FolderConfig", "GenerationResult", "Generator", "KVCache", "Model", "ModelFolderError",
+    "SamplingParams", "StreamDecoder", "TextStream", "Timings", "format_dialog", "load_tokenizer", "sample",
+]

@@ -27,3 +27,57 @@ def llama_tokenizer_model(llama_vocab_gguf, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("llama2-tokenizer") / "tokenizer.model"
     path.write_bytes(spm_model_from_gguf(llama_vocab_gguf))
     return path
+
+
+# ---- exported models shared by the export, runtime and benchmark tests -------------------
+
+TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, ffn_hidden_dim=96, max_seq_len=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_args():
+    from llama2_onnx.models.config import ModelArgs
+
+    return ModelArgs(**TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_checkpoint(tiny_args, llama_tokenizer_model, tmp_path_factory) -> Path:
+    """A seeded random GQA model with Llama 2's vocabulary, in Hugging Face format, with tokenizer.model."""
+    import shutil
+
+    from llama2_onnx.models import writers
+
+    folder = tmp_path_factory.mktemp("tiny-hf")
+    writers.write_hf(writers.random_state_dict(tiny_args, seed=0), tiny_args, folder)
+    shutil.copyfile(llama_tokenizer_model, folder / "tokenizer.model")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_torch_model(tiny_hf_checkpoint):
+    from llama2_onnx.export.api import build_model
+    from llama2_onnx.models import checkpoint
+
+    import torch
+
+    return build_model(checkpoint.load(tiny_hf_checkpoint), torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_hf_checkpoint, tmp_path_factory) -> Path:
+    from llama2_onnx.export.api import export_model
+
+    out = tmp_path_factory.mktemp("tiny-onnx") / "fp32"
+    export_model(checkpoint=tiny_hf_checkpoint, out=out, precision="fp32", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_onnx(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct exported to fp32 once per test session."""
+    from llama2_onnx.export.api import export_model
+
+    out = tmp_path_factory.mktemp("smollm2") / "fp32"
+    export_model(checkpoint=smollm2_gguf, out=out, precision="fp32", progress=False)
+    return out

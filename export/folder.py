@@ -1,0 +1,117 @@
+"""Write the model folder atomically: build it in a temporary sibling folder, rename at the end.
+
+A failure or a kill halfway leaves at most a hidden ``.NAME.partial-*`` folder, never an
+OUT that looks complete; the manifest is written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from llama2_onnx.errors import UserError
+from llama2_onnx.runtime import contract
+from llama2_onnx.runtime.folder import FolderConfig, write_manifest
+
+
+class OutputExistsError(UserError):
+    pass
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse early (before any work) to clobber a non-empty OUT."""
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is a file; choose a folder path for the model")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{out} exists and is not empty; pass --overwrite to replace it or choose another folder")
+
+
+@contextlib.contextmanager
+def staging(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside out; on success it replaces out, on failure it is removed."""
+    check_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def genai_config(cfg: FolderConfig) -> dict:
+    """onnxruntime-genai's genai_config.json for the portable graph."""
+    a = cfg.model
+    return {
+        "model": {
+            "bos_token_id": a.bos_id,
+            "context_length": a.max_seq_len,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": contract.MODEL_FILE,
+                "head_size": a.head_dim,
+                "hidden_size": a.dim,
+                "inputs": {
+                    "input_ids": contract.INPUT_IDS,
+                    "attention_mask": contract.ATTENTION_MASK,
+                    "position_ids": contract.POSITION_IDS,
+                    "past_key_names": contract.PAST_KEY,
+                    "past_value_names": contract.PAST_VALUE,
+                },
+                "outputs": {
+                    "logits": contract.LOGITS,
+                    "present_key_names": contract.PRESENT_KEY,
+                    "present_value_names": contract.PRESENT_VALUE,
+                },
+                "num_attention_heads": a.n_heads,
+                "num_hidden_layers": a.n_layers,
+                "num_key_value_heads": a.n_kv_heads,
+            },
+            "eos_token_id": a.eos_ids,
+            "pad_token_id": a.pad_id if a.pad_id is not None else a.eos_id,
+            "type": "llama",
+            "vocab_size": a.vocab_size,
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+            "max_length": a.max_seq_len, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+            "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },
+    }
+
+
+def tokenizer_config(cfg: FolderConfig, special: dict[str, str]) -> dict:
+    """tokenizer_config.json, read by onnxruntime-genai's tokenizer (and by transformers)."""
+    hf = cfg.tokenizer == "tokenizer.json"
+    return {
+        "tokenizer_class": "GPT2Tokenizer" if hf else "LlamaTokenizer",
+        "add_bos_token": not hf,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": cfg.model.max_seq_len,
+        **special,
+    }
+
+
+def write_configs(folder: Path, cfg: FolderConfig, special: dict[str, str]) -> None:
+    (folder / contract.CONFIG_FILE).write_text(cfg.to_json())
+    (folder / contract.GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(cfg), indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(cfg, special), indent=2))
+
+
+def finish(folder: Path) -> None:
+    """The manifest goes last: a folder with a manifest is complete."""
+    write_manifest(folder)

@@ -1,0 +1,119 @@
+"""Check an exported graph against our PyTorch decoder (float32) on a fixed token sequence.
+
+Figures (stored in config.json under "verify"):
+  max_abs_logit_diff   teacher-forced prompt pass, all positions
+  top1_agreement       share of positions whose argmax agrees (teacher-forced)
+  greedy_agreement     leading greedy tokens that agree, of `greedy_tokens`, with the KV cache
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from llama2_onnx.errors import UserError
+from llama2_onnx.models.llama import Transformer, greedy
+from llama2_onnx.runtime import contract
+
+FP32_TOLERANCE = 1e-3
+
+# A fixed English passage; tokenised with the model's own tokenizer when the folder has one.
+VERIFY_TEXT = (
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+    "It is named after the engineer Gustave Eiffel, whose company designed and built the tower "
+    "from 1887 to 1889 as the centerpiece of the 1889 World's Fair."
+)
+
+
+class VerificationError(UserError):
+    pass
+
+
+def verify_tokens(folder: Path, vocab_size: int, n: int = 48) -> list[int]:
+    """The verification prompt: VERIFY_TEXT through the folder's tokenizer, else seeded ids."""
+    try:
+        from llama2_onnx.runtime.tokenizer import load_tokenizer
+
+        cfg = _read_cfg(folder)
+        tok = load_tokenizer(folder, bos_id=cfg["bos_id"], eos_id=cfg["eos_id"])
+        ids = tok.encode(VERIFY_TEXT, bos=True, eos=False)
+        if ids and max(ids) < vocab_size:
+            return ids[:n]
+    except Exception:  # no tokenizer, or one that does not fit: fall back to ids
+        pass
+    return np.random.default_rng(0).integers(3, vocab_size, n).tolist()
+
+
+def _read_cfg(folder: Path) -> dict:
+    import json
+
+    return json.loads((folder / contract.CONFIG_FILE).read_text())["model"]
+
+
+class OnnxDecoder:
+    """The bare graph with NumPy feeds: an independent path from runtime.Model."""
+
+    def __init__(self, path: Path, n_layers: int, n_kv_heads: int, head_dim: int, kv_dtype):
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.n_layers, self.kv_shape, self.kv_dtype = n_layers, (n_kv_heads, head_dim), kv_dtype
+
+    def __call__(self, ids: np.ndarray, past: list[np.ndarray] | None):
+        b, s = ids.shape
+        if past is None:
+            past = [np.zeros((b, self.kv_shape[0], 0, self.kv_shape[1]), self.kv_dtype)] * (2 * self.n_layers)
+        p = past[0].shape[2]
+        feeds = {
+            contract.INPUT_IDS: ids.astype(np.int64),
+            contract.ATTENTION_MASK: np.ones((b, p + s), np.int64),
+            contract.POSITION_IDS: np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy(),
+        }
+        feeds.update(zip(contract.past_names(self.n_layers), past))
+        logits, *present = self.session.run(None, feeds)
+        return logits, present
+
+    def greedy(self, prompt: list[int], n: int) -> list[int]:
+        ids, past, out = np.array([prompt]), None, []
+        for _ in range(n):
+            logits, past = self(ids, past)
+            out.append(int(logits[0, -1].argmax()))
+            ids = np.array([[out[-1]]])
+        return out
+
+
+def verify(folder: Path, reference: Transformer, *, precision: str, greedy_tokens: int = 32) -> dict:
+    """Compare folder/model.onnx with the float32 PyTorch reference; raise for a bad fp32 export."""
+    a = reference.args
+    tokens = verify_tokens(folder, a.vocab_size)
+    kv_dtype = np.float16 if precision == "fp16" else np.float32
+    onnx_model = OnnxDecoder(folder / contract.MODEL_FILE, a.n_layers, a.n_kv_heads, a.head_dim, kv_dtype)
+
+    ids = torch.tensor([tokens])
+    with torch.no_grad():
+        ref_logits, _ = reference(ids, torch.ones_like(ids), torch.arange(len(tokens))[None], reference.empty_cache(1, torch.float32))
+    ref = ref_logits[0].numpy()
+    got = onnx_model(ids.numpy(), None)[0][0]
+    diff = float(np.abs(got - ref).max())
+    top1 = float((got.argmax(-1) == ref.argmax(-1)).mean())
+
+    ref_greedy = greedy(reference, tokens, greedy_tokens)
+    onnx_greedy = onnx_model.greedy(tokens, greedy_tokens)
+    agree = next((i for i, (x, y) in enumerate(zip(ref_greedy, onnx_greedy)) if x != y), greedy_tokens)
+    result = {
+        "prompt_tokens": len(tokens),
+        "max_abs_logit_diff": diff,
+        "top1_agreement": top1,
+        "greedy_agreement": agree,
+        "greedy_tokens": greedy_tokens,
+        "reference": "pytorch float32",
+    }
+    if precision == "fp32" and not diff <= FP32_TOLERANCE:
+        raise VerificationError(
+            f"verification failed: max |logit diff| {diff:.3g} exceeds {FP32_TOLERANCE:g} for an fp32 export; "
+            "the ONNX graph does not match PyTorch (please report this with the checkpoint's config)"
+        )
+    return result

@@ -1,0 +1,49 @@
+"""Arguments shared by `generate` and `chat`, and opening the model they name (or the default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .providers import CHOICES
+
+
+def add_model_arguments(p) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="model folder written by `llama2-onnx export` (default: SmolLM2-135M-Instruct, exported on first use)")
+    p.add_argument("--provider", choices=CHOICES, default="auto", help="execution provider (default auto: CUDA, DirectML, then CPU)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
+    p.add_argument("--no-io-binding", action="store_true", help="feed NumPy arrays instead of keeping the KV cache on the device")
+    p.add_argument("--check-hashes", action="store_true", help="verify every file's sha256 against the manifest")
+
+
+def add_sampling_arguments(p, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--stop", action="append", default=[], help="stop when this text is produced (repeatable)")
+
+
+def sampling_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+
+
+def open_generator(args):
+    from .generator import Generator
+
+    if args.threads is not None and args.threads < 1:
+        from llama2_onnx.errors import UserError
+
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    folder = Path(args.model) if args.model else default_model()
+    return Generator.from_dir(folder, provider=args.provider, threads=args.threads,
+                              io_binding=not args.no_io_binding, check_hashes=args.check_hashes)
+
+
+def default_model() -> Path:
+    from llama2_onnx.assets import default_model_dir
+
+    return default_model_dir()

@@ -1,0 +1,111 @@
+"""The model folder: its config.json (what the graph is) and manifest.json (what the files are).
+
+    OUT/
+      model.onnx, model.onnx.data   the graph and its weights
+      config.json                   FolderConfig below
+      genai_config.json             for onnxruntime-genai
+      tokenizer.model | tokenizer.json (+ tokenizer_config.json)
+      manifest.json                 {"files": {name: {"size": n, "sha256": hex}}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llama2_onnx.errors import UserError
+from llama2_onnx.models.config import ConfigError, ModelArgs, load_json
+
+from . import contract
+
+PRECISIONS = ("fp32", "fp16")
+LFS_HEADER = b"version https://git-lfs.github.com/spec/v1"
+
+
+class ModelFolderError(UserError):
+    """A model folder is missing, incomplete or altered."""
+
+
+@dataclass
+class FolderConfig:
+    model: ModelArgs
+    precision: str = "fp32"
+    graph: str = contract.GRAPH_PORTABLE
+    format_version: int = contract.FORMAT_VERSION
+    opset: int = 23
+    chat_format: str | None = None  # a key of runtime.chat_format.CHAT_FORMATS
+    tokenizer: str = "tokenizer.model"
+    add_bos: bool = True  # prepend BOS to plain prompts (Llama 2 yes; SmolLM2 no)
+    source: dict[str, Any] = field(default_factory=dict)  # checkpoint path and format
+    verify: dict[str, Any] = field(default_factory=dict)  # export.verify's figures
+
+    @property
+    def kv_dtype(self) -> str:
+        return "float16" if self.precision == "fp16" else "float32"
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["io"] = {"inputs": contract.input_names(self.model.n_layers), "outputs": contract.output_names(self.model.n_layers)}
+        return json.dumps(d, indent=2)
+
+    @classmethod
+    def read(cls, folder: Path) -> "FolderConfig":
+        d = load_json(folder / contract.CONFIG_FILE)
+        d.pop("io", None)
+        version = d.get("format_version")
+        if version != contract.FORMAT_VERSION:
+            raise ModelFolderError(f"{folder} has model format version {version}; this llama2-onnx reads "
+                                   f"version {contract.FORMAT_VERSION}: export the model again")
+        try:
+            d["model"] = ModelArgs.from_dict(d["model"])
+            cfg = cls(**d)
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"{folder / contract.CONFIG_FILE} is malformed ({e})") from None
+        if cfg.precision not in PRECISIONS or cfg.graph != contract.GRAPH_PORTABLE:
+            raise ModelFolderError(f"{folder}: unsupported precision {cfg.precision!r} or graph kind {cfg.graph!r}")
+        return cfg
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path) -> dict[str, Any]:
+    """Record size and sha256 of every file in folder (manifest.json itself excepted)."""
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(folder.iterdir()) if p.is_file() and p.name != contract.MANIFEST_FILE
+    }
+    manifest = {"files": files}
+    (folder / contract.MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def check_manifest(folder: Path, *, hashes: bool = False) -> None:
+    """Raise ModelFolderError naming the first file that is missing, a Git LFS pointer,
+    or of the wrong size (and, with hashes=True, the wrong sha256)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ModelFolderError(f"model folder {folder} does not exist; export one with `llama2-onnx export CHECKPOINT {folder}`")
+    manifest_path = folder / contract.MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ModelFolderError(f"{folder} has no {contract.MANIFEST_FILE}: it is not a complete llama2-onnx model folder; export it again")
+    files = load_json(manifest_path).get("files", {})
+    for name, meta in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise ModelFolderError(f"{path} is missing; copy the whole model folder or export it again")
+        size = path.stat().st_size
+        if size != meta["size"]:
+            if size < 1024 and path.read_bytes().startswith(LFS_HEADER):
+                raise ModelFolderError(f"{path} is a Git LFS pointer, not the file itself; run `git lfs pull` in that repository")
+            raise ModelFolderError(f"{path} is {size} bytes, the manifest says {meta['size']}: the file is truncated or altered; export again")
+        if hashes and sha256_file(path) != meta["sha256"]:
+            raise ModelFolderError(f"{path} does not match its sha256 in the manifest: the file is corrupt or altered; export again")

@@ -1,0 +1,241 @@
+"""Generator: tokenizer + chat format + sampler + stop rules over a Model, batched and streaming."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from llama2_onnx.errors import UserError
+
+from .chat_format import CHAT_FORMATS, Dialog, format_dialog
+from .sampler import SamplingParams, sample
+from .session import Model
+from .tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+
+FINISH_EOS, FINISH_LENGTH, FINISH_STOP = "eos", "length", "stop"
+
+
+@dataclass
+class Timings:
+    prompt_ms: float = 0.0  # prompt pass + first token: the time to first token
+    token_ms: list[float] = field(default_factory=list)  # each later token
+
+    @property
+    def per_token_ms(self) -> float:
+        return float(np.median(self.token_ms)) if self.token_ms else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        total = sum(self.token_ms)
+        return len(self.token_ms) / total * 1000 if total else 0.0
+
+    def to_dict(self) -> dict:
+        return {"prompt_ms": round(self.prompt_ms, 3), "per_token_ms": round(self.per_token_ms, 3),
+                "decode_tokens_per_s": round(self.decode_tokens_per_s, 2), "new_tokens": len(self.token_ms) + 1}
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    timings: Timings
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
+                "prompt_tokens": self.prompt_tokens, "timings": self.timings.to_dict()}
+
+
+@dataclass
+class _Row:
+    prompt: list[int]
+    decoder: StreamDecoder
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""  # emitted so far
+    pending: str = ""  # decoded but held back: it may be the start of a stop string
+    finish: str | None = None
+
+
+class TextStream:
+    """Iterate for text pieces as they are produced; `result` holds the GenerationResult after."""
+
+    def __init__(self, pieces: Iterator[str], box: list):
+        self._pieces, self._box = pieces, box
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._pieces
+
+    @property
+    def result(self) -> GenerationResult:
+        if not self._box:
+            raise RuntimeError("the stream has not finished yet")
+        return self._box[0]
+
+
+class Generator:
+    def __init__(self, model: Model, tokenizer: Tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        cfg = model.config
+        self.args = cfg.model
+        self.chat_style = cfg.chat_format
+        self.pad_id = self.args.pad_id if self.args.pad_id is not None else self.args.eos_id
+
+    @classmethod
+    def from_dir(cls, path: str | Path, **model_kwargs) -> "Generator":
+        """Open a model folder: Model.from_dir(path, **model_kwargs) plus its tokenizer."""
+        model = Model.from_dir(path, **model_kwargs)
+        if not model.config.tokenizer:
+            raise UserError(f"{path} has no tokenizer; export it again with --tokenizer PATH")
+        tok = load_tokenizer(model.folder, bos_id=model.config.model.bos_id, eos_id=model.config.model.eos_id)
+        return cls(model, tok)
+
+    # ---- public API --------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> list[int]:
+        if not prompt.strip():
+            raise UserError("the prompt is empty; give some text to continue")
+        return self.tokenizer.encode(prompt, bos=self.model.config.add_bos, eos=False)
+
+    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] = ()) -> GenerationResult | list[GenerationResult]:
+        """Continue one prompt (returns a result) or a batch (returns a list, left-padded together)."""
+        single = isinstance(prompts, str)
+        ids = [self.encode_prompt(p) for p in ([prompts] if single else prompts)]
+        params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
+        results = self.generate_ids(ids, max_new_tokens, params, seed, stop)
+        return results[0] if single else results
+
+    def stream(self, prompt: str, **kwargs) -> TextStream:
+        """Like generate for one prompt, but yields text as it is produced."""
+        return self._stream([self.encode_prompt(prompt)], **kwargs)
+
+    def chat(self, dialog: Dialog, **kwargs) -> GenerationResult:
+        """Answer the dialog's last user message (kwargs as generate)."""
+        stream = self.stream_chat(dialog, **kwargs)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def stream_chat(self, dialog: Dialog, **kwargs) -> TextStream:
+        return self._stream([self.chat_ids(dialog)], **kwargs)
+
+    def chat_ids(self, dialog: Dialog) -> list[int]:
+        if not self.chat_style:
+            raise UserError("this model folder names no chat format; export it again with --chat-format llama2 or chatml")
+        return format_dialog(dialog, self.tokenizer, self.chat_style)
+
+    # ---- the loop --------------------------------------------------------------------
+    def _stream(self, ids: list[list[int]], max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = ()) -> TextStream:
+        params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
+        box: list[GenerationResult] = []
+        pieces: list[str] = []
+
+        def run() -> Iterator[str]:
+            results = self.generate_ids(ids, max_new_tokens, params, seed, stop, on_text=lambda row, text: pieces.append(text),
+                                        yield_every_step=True)
+            for step in results:
+                if isinstance(step, list):  # the final results
+                    box.append(step[0])
+                    break
+                while pieces:
+                    yield pieces.pop(0)
+            while pieces:
+                yield pieces.pop(0)
+
+        return TextStream(run(), box)
+
+    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
+                     seed: int | None = None, stop: Sequence[str] = (), on_text: Callable[[int, str], None] | None = None,
+                     yield_every_step: bool = False):
+        """Generate from token-id prompts. Returns the results, or with yield_every_step an
+        iterator that yields None after each step and the results list last."""
+        steps = self._steps(prompts, max_new_tokens, params, seed, list(stop), on_text)
+        if yield_every_step:
+            return steps
+        for item in steps:
+            if isinstance(item, list):
+                return item
+        raise AssertionError("unreachable")
+
+    def _steps(self, prompts, max_new_tokens, params, seed, stop, on_text):
+        if max_new_tokens < 1:
+            raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if not prompts or any(not p for p in prompts):
+            raise UserError("the prompt is empty; give some text to continue")
+        longest = max(len(p) for p in prompts)
+        ctx = self.args.max_seq_len
+        if longest >= ctx:
+            raise UserError(f"the prompt is {longest} tokens, the model's context is {ctx}; shorten the prompt")
+        rng = np.random.default_rng(seed)
+        stop_ids = set(self.args.eos_ids)
+        if self.chat_style in CHAT_FORMATS:
+            stop_ids |= set(CHAT_FORMATS[self.chat_style].stop_ids(self.tokenizer))
+        rows = [_Row(prompt=list(p), decoder=StreamDecoder(self.tokenizer)) for p in prompts]
+
+        # left padding: every row ends at the same column
+        ids = np.full((len(rows), longest), self.pad_id, np.int64)
+        mask = np.zeros((len(rows), longest), np.int64)
+        for i, p in enumerate(prompts):
+            ids[i, longest - len(p):], mask[i, longest - len(p):] = p, 1
+
+        timings = Timings()
+        start = time.perf_counter()
+        cache = self.model.new_cache(mask)
+        logits = self.model.step(ids, mask, cache)  # (B, V)
+        budget = min(max_new_tokens, ctx - longest)
+        for n in range(budget):
+            history = [r.prompt + r.tokens for r in rows] if params.repetition_penalty != 1.0 else None
+            chosen = sample(logits, params, rng, prev_tokens=history)  # (B,)
+            now = time.perf_counter()
+            if n == 0:
+                timings.prompt_ms = (now - start) * 1000
+            else:
+                timings.token_ms.append((now - start) * 1000)
+            start = now
+            for i, (row, tok) in enumerate(zip(rows, chosen.tolist())):
+                if row.finish is None:
+                    self._advance(i, row, tok, stop_ids, stop, on_text)
+            yield None
+            if all(r.finish for r in rows) or n == budget - 1:
+                break
+            feed = np.array([[t.tokens[-1] if t.finish is None else self.pad_id] for t in rows], np.int64)
+            logits = self.model.step(feed, np.ones_like(feed), cache)
+        results = []
+        for i, row in enumerate(rows):
+            if row.finish is None:
+                self._emit(i, row, row.pending + row.decoder.flush(), on_text)
+                row.finish = FINISH_LENGTH
+            results.append(GenerationResult(row.text, row.tokens, row.finish, len(row.prompt), timings))
+        yield results
+
+    def _advance(self, i: int, row: _Row, tok: int, stop_ids: set[int], stop: list[str], on_text) -> None:
+        if tok in stop_ids:
+            row.finish = FINISH_EOS
+            self._emit(i, row, row.pending + row.decoder.flush(), on_text)
+            return
+        row.tokens.append(tok)
+        row.pending += row.decoder.push(tok)
+        if not stop:
+            self._emit(i, row, row.pending, on_text)
+            return
+        hits = [h for h in (row.pending.find(s) for s in stop) if h >= 0]
+        if hits:
+            row.finish = FINISH_STOP
+            self._emit(i, row, row.pending[:min(hits)], on_text)
+            return
+        # hold back a tail that may yet become a stop string
+        keep = max((k for s in stop for k in range(1, len(s)) if row.pending.endswith(s[:k])), default=0)
+        self._emit(i, row, row.pending[:len(row.pending) - keep], on_text, keep=row.pending[len(row.pending) - keep:])
+
+    @staticmethod
+    def _emit(i: int, row: _Row, text: str, on_text, keep: str = "") -> None:
+        row.text += text
+        row.pending = keep
+        if text and on_text:
+            on_text(i, text)

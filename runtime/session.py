@@ -1,0 +1,128 @@
+"""Model: an ONNX Runtime session over a model folder, with the KV cache kept on the device.
+
+With io_binding=True every present.{i}.key/value output is bound to the device and fed
+back as the next step's past input as the same OrtValue: the cache never travels to the
+host. Only logits come back to NumPy, and the caller gets the last position only.
+With io_binding=False the same steps run on plain NumPy feeds (the reference path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from . import contract
+from .folder import LFS_HEADER, FolderConfig, ModelFolderError, check_manifest
+from .providers import Provider, physical_cores, resolve
+
+
+@dataclass
+class KVCache:
+    """Per-sequence state between steps. Each past tensor is [B, n_kv_heads, length, head_dim]."""
+
+    past: list  # OrtValue (io binding) or np.ndarray, 2 * n_layers of them
+    attention_mask: np.ndarray  # int64 [B, length]; 0 marks left padding
+    next_pos: np.ndarray  # int64 [B]: position id of each row's next token
+    length: int = 0
+
+    @property
+    def batch(self) -> int:
+        return self.attention_mask.shape[0]
+
+
+@dataclass
+class Model:
+    folder: Path
+    config: FolderConfig
+    session: ort.InferenceSession
+    provider: Provider
+    io_binding: bool = True
+    device_id: int = 0
+    _kv_dtype: np.dtype = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._kv_dtype = np.dtype(self.config.kv_dtype)
+        a = self.config.model
+        self._past_names = contract.past_names(a.n_layers)
+        self._present_names = contract.present_names(a.n_layers)
+
+    @classmethod
+    def from_dir(cls, path: str | Path, provider: str = "auto", threads: int | None = None,
+                 io_binding: bool = True, check_hashes: bool = False, device_id: int = 0) -> "Model":
+        """Open a model folder written by `llama2-onnx export`.
+
+        Checks the manifest (file sizes always, sha256 with check_hashes), reads config.json,
+        and opens the session on provider ('auto', 'cpu', 'cuda' or 'dml') with threads
+        intra-op threads (default: the physical cores).
+        """
+        folder = Path(path)
+        check_manifest(folder, hashes=check_hashes)
+        config = FolderConfig.read(folder)
+        prov = resolve(provider)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or physical_cores()
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        prov_opts = {"device_id": str(device_id)} if prov.name in ("cuda", "dml") else {}
+        model_path = folder / contract.MODEL_FILE
+        if model_path.read_bytes()[:len(LFS_HEADER)] == LFS_HEADER:
+            raise ModelFolderError(f"{model_path} is a Git LFS pointer, not the model; run `git lfs pull`")
+        try:
+            session = ort.InferenceSession(str(model_path), opts, providers=[(prov.ort_name, prov_opts)])
+        except Exception as e:  # ORT raises its own types; one line for the user
+            raise ModelFolderError(f"onnxruntime could not load {model_path}: {str(e).splitlines()[0]}") from None
+        return cls(folder=folder, config=config, session=session, provider=prov, io_binding=io_binding, device_id=device_id)
+
+    # ---- cache ---------------------------------------------------------------
+    def new_cache(self, attention_mask: np.ndarray) -> KVCache:
+        """An empty cache for a batch whose prompt mask is attention_mask [B, S] (left padded)."""
+        a = self.config.model
+        b = attention_mask.shape[0]
+        empty = np.zeros((b, a.n_kv_heads, 0, a.head_dim), self._kv_dtype)
+        past = [self._to_device(empty) for _ in self._past_names] if self.io_binding else [empty] * len(self._past_names)
+        return KVCache(past=past, attention_mask=np.zeros((b, 0), np.int64), next_pos=np.zeros(b, np.int64))
+
+    def _to_device(self, array: np.ndarray):
+        return ort.OrtValue.ortvalue_from_numpy(array, self.provider.device, self.device_id)
+
+    # ---- one step ----------------------------------------------------------------
+    def step(self, input_ids: np.ndarray, new_mask: np.ndarray, cache: KVCache) -> np.ndarray:
+        """Run input_ids [B, S] (with their mask [B, S]) after the cache; return last logits [B, V].
+
+        Position ids count real tokens only, so a left-padded row gets the positions it
+        would have alone; the cache is advanced in place.
+        """
+        b, s = input_ids.shape
+        mask = np.concatenate([cache.attention_mask, new_mask.astype(np.int64)], axis=1)  # (B, P+S)
+        pos = cache.next_pos[:, None] + np.cumsum(new_mask, axis=1, dtype=np.int64) - 1  # (B, S)
+        pos = np.maximum(pos, 0)
+        feeds = {contract.INPUT_IDS: np.ascontiguousarray(input_ids, np.int64),
+                 contract.ATTENTION_MASK: mask, contract.POSITION_IDS: pos}
+        if self.io_binding:
+            logits = self._run_bound(feeds, cache)
+        else:
+            feeds.update(zip(self._past_names, cache.past))
+            logits, *cache.past = self.session.run(None, feeds)
+        cache.attention_mask = mask
+        cache.next_pos = cache.next_pos + new_mask.sum(axis=1)
+        cache.length += s
+        return np.ascontiguousarray(logits[:, -1, :], dtype=np.float32)
+
+    def _run_bound(self, feeds: dict, cache: KVCache) -> np.ndarray:
+        binding = self.session.io_binding()
+        dev, dev_id = self.provider.device, self.device_id
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, dev, dev_id))
+        for name, value in zip(self._past_names, cache.past):
+            binding.bind_ortvalue_input(name, value)
+        # logits come back to the host; presents stay where the session puts them
+        binding.bind_output(contract.LOGITS, "cpu")
+        for name in self._present_names:
+            binding.bind_output(name, dev, dev_id)
+        self.session.run_with_iobinding(binding)
+        logits, *cache.past = binding.get_outputs()
+        return logits.numpy()

@@ -37,5 +37,6 @@ def run(args) -> int:
     print(f"wrote {result.out} ({args.precision})")
     if v:
         print(f"verify: max |logit diff| {v['max_abs_logit_diff']:.2e}, top-1 agreement {v['top1_agreement']:.1%}, "
-              f"greedy {v['greedy_agreement']}/{v['greedy_tokens']} tokens")
+              f"greedy {v['greedy_agreement']}/{v['greedy_tokens']} tokens, perplexity {v['perplexity']:.3f} "
+              f"(PyTorch fp32 {v['reference_perplexity']:.3f}) over {v['prompt_tokens']} tokens")
     return 0

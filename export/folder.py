@@ -113,5 +113,12 @@ def write_configs(folder: Path, cfg: FolderConfig, special: dict[str, str]) -> N
 
 
 def finish(folder: Path) -> None:
-    """The manifest goes last: a folder with a manifest is complete."""
+    """Give the files the usual permissions (mkdtemp and some writers use 0600), then the
+    manifest, last: a folder with a manifest is complete."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
     write_manifest(folder)
+    (folder / contract.MANIFEST_FILE).chmod(0o666 & ~umask)

@@ -72,11 +72,14 @@ def trace(model: Transformer, out_dir: Path, *, opset: int = DEFAULT_OPSET) -> P
             input_names=contract.input_names(n_layers), output_names=contract.output_names(n_layers),
             dynamic_shapes=_dynamic_shapes(n_layers), optimize=True, verify=False, report=False,
         )
-    proto = program.model_proto
-    _tidy(proto)
     path = out_dir / contract.MODEL_FILE
-    onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=contract.DATA_FILE, size_threshold=1024)
+    # ONNXProgram.save streams the weights into model.onnx.data; only the small graph
+    # file is then reloaded (without its data) to be tidied.
+    program.save(str(path), external_data=True)
+    del program
+    proto = onnx.load_model(str(path), load_external_data=False)
+    _tidy(proto)
+    onnx.save_model(proto, str(path))
     return path
 
 

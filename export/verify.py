@@ -1,9 +1,13 @@
 """Check an exported graph against our PyTorch decoder (float32) on a fixed token sequence.
 
+The text is a fixed English passage of about 300 tokens (export/quality_text.py), tokenised
+with the folder's own tokenizer (seeded random ids when the folder has none).
 Figures (stored in config.json under "verify"):
-  max_abs_logit_diff   teacher-forced prompt pass, all positions
+  max_abs_logit_diff   teacher-forced pass over the passage, all positions
   top1_agreement       share of positions whose argmax agrees (teacher-forced)
-  greedy_agreement     leading greedy tokens that agree, of `greedy_tokens`, with the KV cache
+  perplexity           of the passage under the ONNX graph, beside `reference_perplexity` (PyTorch)
+  greedy_agreement     leading greedy tokens that agree, of `greedy_tokens`, after the first
+                       GREEDY_PROMPT tokens of the passage, with the KV cache
 """
 
 from __future__ import annotations
@@ -18,39 +22,44 @@ from llama2_onnx.errors import UserError
 from llama2_onnx.models.llama import Transformer, greedy
 from llama2_onnx.runtime import contract
 
-FP32_TOLERANCE = 1e-3
+from .quality_text import PERPLEXITY_TEXT
 
-# A fixed English passage; tokenised with the model's own tokenizer when the folder has one.
-VERIFY_TEXT = (
-    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
-    "It is named after the engineer Gustave Eiffel, whose company designed and built the tower "
-    "from 1887 to 1889 as the centerpiece of the 1889 World's Fair."
-)
+FP32_TOLERANCE = 1e-3
+GREEDY_PROMPT = 48
 
 
 class VerificationError(UserError):
     pass
 
 
-def verify_tokens(folder: Path, vocab_size: int, n: int = 48) -> list[int]:
-    """The verification prompt: VERIFY_TEXT through the folder's tokenizer, else seeded ids."""
+def verify_tokens(folder: Path, vocab_size: int, n: int = 320) -> list[int]:
+    """The verification text through the folder's tokenizer (at most n tokens), else seeded ids."""
     try:
         from llama2_onnx.runtime.tokenizer import load_tokenizer
 
         cfg = _read_cfg(folder)
         tok = load_tokenizer(folder, bos_id=cfg["bos_id"], eos_id=cfg["eos_id"])
-        ids = tok.encode(VERIFY_TEXT, bos=True, eos=False)
+        ids = tok.encode(PERPLEXITY_TEXT, bos=True, eos=False)
         if ids and max(ids) < vocab_size:
             return ids[:n]
     except Exception:  # no tokenizer, or one that does not fit: fall back to ids
         pass
-    return np.random.default_rng(0).integers(3, vocab_size, n).tolist()
+    return np.random.default_rng(0).integers(3, vocab_size, 256).tolist()
 
 
 def _read_cfg(folder: Path) -> dict:
     import json
 
     return json.loads((folder / contract.CONFIG_FILE).read_text())["model"]
+
+
+def perplexity(logits: np.ndarray, tokens: list[int]) -> float:
+    """exp of the mean negative log-likelihood of tokens[1:] given logits [T, V] of tokens."""
+    x = logits[:-1].astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    nll = -logp[np.arange(len(tokens) - 1), tokens[1:]]
+    return float(np.exp(nll.mean()))
 
 
 class OnnxDecoder:
@@ -100,13 +109,16 @@ def verify(folder: Path, reference: Transformer, *, precision: str, greedy_token
     diff = float(np.abs(got - ref).max())
     top1 = float((got.argmax(-1) == ref.argmax(-1)).mean())
 
-    ref_greedy = greedy(reference, tokens, greedy_tokens)
-    onnx_greedy = onnx_model.greedy(tokens, greedy_tokens)
+    prompt = tokens[:GREEDY_PROMPT]
+    ref_greedy = greedy(reference, prompt, greedy_tokens)
+    onnx_greedy = onnx_model.greedy(prompt, greedy_tokens)
     agree = next((i for i, (x, y) in enumerate(zip(ref_greedy, onnx_greedy)) if x != y), greedy_tokens)
     result = {
         "prompt_tokens": len(tokens),
         "max_abs_logit_diff": diff,
         "top1_agreement": top1,
+        "perplexity": perplexity(got, tokens),
+        "reference_perplexity": perplexity(ref, tokens),
         "greedy_agreement": agree,
         "greedy_tokens": greedy_tokens,
         "reference": "pytorch float32",

@@ -16,11 +16,13 @@ from llama2_onnx.runtime import contract
 from llama2_onnx.runtime.folder import PRECISIONS, FolderConfig
 
 from . import folder as out_folder
+from .precision import Int4Options, quantize_int4
 from .progress import Stages
 from .trace import DEFAULT_OPSET, trace
 from .verify import verify
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+# int4 is traced in float32, then its MatMul weights are quantized (export/precision.py)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int4": torch.float32}
 
 
 @dataclass
@@ -30,15 +32,19 @@ class ExportResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def build_model(checkpoint: ckpt.Checkpoint, dtype: torch.dtype) -> Transformer:
-    """Our decoder holding the checkpoint's weights in dtype (no second copy made at float32)."""
+def build_model(checkpoint: ckpt.Checkpoint, dtype: torch.dtype, untie: bool = False) -> Transformer:
+    """Our decoder holding the checkpoint's weights in dtype (no second copy made at float32).
+
+    untie=True gives a tied model's output head its own copy of the embedding table.
+    """
     with torch.device("meta"):
         model = Transformer(checkpoint.args)
     sd = {k: v.to(dtype) for k, v in checkpoint.state_dict.items()}
-    if checkpoint.args.tie_embeddings:
-        sd["output.weight"] = sd["tok_embeddings.weight"]
+    tied = checkpoint.args.tie_embeddings
+    if tied:
+        sd["output.weight"] = sd["tok_embeddings.weight"].clone() if untie else sd["tok_embeddings.weight"]
     model.load_state_dict(sd, strict=True, assign=True)
-    if checkpoint.args.tie_embeddings:
+    if tied and not untie:
         model.output.weight = model.tok_embeddings.weight
     return model.eval()
 
@@ -83,13 +89,16 @@ def export_model(
     *, checkpoint: str | Path, out: str | Path, precision: str = "fp32", max_seq_len: int | None = None,
     opset: int = DEFAULT_OPSET, overwrite: bool = False, verify_export: bool = True,
     tokenizer: str | Path | None = None, chat_format: str | None = None, progress: bool = True,
+    int4: Int4Options | None = None,
 ) -> ExportResult:
     """Export a Meta, Hugging Face or GGUF Llama checkpoint to an ONNX model folder at out."""
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     out = Path(out)
     out_folder.check_out(out, overwrite)  # fail before the slow work
-    stages = Stages(["load", "convert", "trace", "save", "verify"] if verify_export else ["load", "convert", "trace", "save"], progress)
+    int4 = (int4 or Int4Options()) if precision == "int4" else None
+    names = ["load", "convert", "trace", *(["quantize"] if int4 else []), "save", *(["verify"] if verify_export else [])]
+    stages = Stages(names, progress)
 
     with stages.stage("load"):
         loaded = ckpt.load(checkpoint)
@@ -100,15 +109,19 @@ def export_model(
 
     with out_folder.staging(out, overwrite) as tmp:
         with stages.stage("convert"):
-            model = build_model(loaded, DTYPES[precision])
+            model = build_model(loaded, DTYPES[precision], untie=int4 is not None)
         with stages.stage("trace"):
             trace(model, tmp, opset=opset)
         del model
+        if int4 is not None:
+            with stages.stage("quantize"):
+                quantize_int4(tmp, int4)
         with stages.stage("save"):
             tok_name, special = _tokenizer_files(loaded, tmp, Path(tokenizer) if tokenizer else None)
             cfg = FolderConfig(
                 model=loaded.args, precision=precision, opset=opset,
                 chat_format=chat_format or _default_chat_format(loaded, tok_name),
+                quantization=int4.to_dict() if int4 else {},
                 tokenizer=tok_name or "", add_bos=_add_bos(loaded, tok_name), source={"path": str(Path(checkpoint).resolve()), "format": loaded.source},
             )
             out_folder.write_configs(tmp, cfg, special)

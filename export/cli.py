@@ -9,8 +9,14 @@ def add_arguments(p) -> None:
     p.add_argument("checkpoint", help="a Meta folder (params.json + consolidated.NN.pth), a Hugging Face folder "
                                       "(config.json + safetensors), or a .gguf file")
     p.add_argument("out", help="the model folder to write")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
-                   help="weight and KV-cache precision (fp16 keeps norms, rotary and softmax in float32); default fp32")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int4"], default="fp32",
+                   help="fp32 (default); fp16 (weights and KV cache; norms, rotary and softmax stay float32); "
+                        "int4 (weight-only MatMulNBits, float32 activations and KV cache)")
+    p.add_argument("--block-size", type=int, default=32, help="int4: weights per scale, 16-256 (default 32)")
+    p.add_argument("--accuracy-level", type=int, default=4,
+                   help="int4: MatMulNBits compute type, 0-4 (default 4: int8 activations, fastest on x86)")
+    p.add_argument("--int4-algorithm", choices=["hqq", "rtn"], default="hqq",
+                   help="int4: hqq fits scales and zero points per block (default); rtn rounds to nearest")
     p.add_argument("--max-seq-len", type=int, default=None, help="context length to record (default: the checkpoint's)")
     p.add_argument("--opset", type=int, default=23, help="ONNX opset, 18-23 (default 23)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model or tokenizer.json to use when none is beside the weights")
@@ -24,11 +30,13 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from .api import export_model  # torch is imported here, not at --help
+    from .precision import Int4Options
 
     result = export_model(
         checkpoint=args.checkpoint, out=args.out, precision=args.precision, max_seq_len=args.max_seq_len,
         opset=args.opset, overwrite=args.overwrite, verify_export=not args.no_verify,
         tokenizer=args.tokenizer, chat_format=args.chat_format, progress=not args.quiet,
+        int4=Int4Options(args.block_size, args.accuracy_level, args.int4_algorithm) if args.precision == "int4" else None,
     )
     v = result.config.verify
     if args.json:

@@ -21,7 +21,7 @@ from llama2_onnx.models.config import ConfigError, ModelArgs, load_json
 
 from . import contract
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int4")
 LFS_HEADER = b"version https://git-lfs.github.com/spec/v1"
 
 
@@ -39,6 +39,7 @@ class FolderConfig:
     chat_format: str | None = None  # a key of runtime.chat_format.CHAT_FORMATS
     tokenizer: str = "tokenizer.model"
     add_bos: bool = True  # prepend BOS to plain prompts (Llama 2 yes; SmolLM2 no)
+    quantization: dict[str, Any] = field(default_factory=dict)  # int4: bits, block_size, accuracy_level
     source: dict[str, Any] = field(default_factory=dict)  # checkpoint path and format
     verify: dict[str, Any] = field(default_factory=dict)  # export.verify's figures
 

@@ -32,19 +32,15 @@ class ExportResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def build_model(checkpoint: ckpt.Checkpoint, dtype: torch.dtype, untie: bool = False) -> Transformer:
-    """Our decoder holding the checkpoint's weights in dtype (no second copy made at float32).
-
-    untie=True gives a tied model's output head its own copy of the embedding table.
-    """
+def build_model(checkpoint: ckpt.Checkpoint, dtype: torch.dtype) -> Transformer:
+    """Our decoder holding the checkpoint's weights in dtype (no second copy made at float32)."""
     with torch.device("meta"):
         model = Transformer(checkpoint.args)
     sd = {k: v.to(dtype) for k, v in checkpoint.state_dict.items()}
-    tied = checkpoint.args.tie_embeddings
-    if tied:
-        sd["output.weight"] = sd["tok_embeddings.weight"].clone() if untie else sd["tok_embeddings.weight"]
+    if checkpoint.args.tie_embeddings:
+        sd["output.weight"] = sd["tok_embeddings.weight"]
     model.load_state_dict(sd, strict=True, assign=True)
-    if tied and not untie:
+    if checkpoint.args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
     return model.eval()
 
@@ -109,7 +105,7 @@ def export_model(
 
     with out_folder.staging(out, overwrite) as tmp:
         with stages.stage("convert"):
-            model = build_model(loaded, DTYPES[precision], untie=int4 is not None)
+            model = build_model(loaded, DTYPES[precision])
         with stages.stage("trace"):
             trace(model, tmp, opset=opset)
         del model

@@ -15,8 +15,9 @@ def add_arguments(p) -> None:
     p.add_argument("--block-size", type=int, default=32, help="int4: weights per scale, 16-256 (default 32)")
     p.add_argument("--accuracy-level", type=int, default=4,
                    help="int4: MatMulNBits compute type, 0-4 (default 4: int8 activations, fastest on x86)")
-    p.add_argument("--int4-algorithm", choices=["hqq", "rtn"], default="hqq",
-                   help="int4: hqq fits scales and zero points per block (default); rtn rounds to nearest")
+    p.add_argument("--int4-algorithm", choices=["rtn", "hqq"], default="rtn",
+                   help="int4: rtn rounds to nearest (default, fast kernel); hqq fits float zero points "
+                        "(better quality, slow on ONNX Runtime CPU)")
     p.add_argument("--max-seq-len", type=int, default=None, help="context length to record (default: the checkpoint's)")
     p.add_argument("--opset", type=int, default=23, help="ONNX opset, 18-23 (default 23)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model or tokenizer.json to use when none is beside the weights")

@@ -23,6 +23,7 @@ KV cache stay float32.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,8 @@ class Int4Options:
 def quantize_int4(folder: Path, options: Int4Options) -> int:
     """Rewrite folder/model.onnx (+ data) in place with int4 weights; returns MatMuls quantized."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mq
+
+    logging.getLogger(mq.__name__).setLevel(logging.WARNING)  # it logs every node at INFO
 
     path, data = folder / contract.MODEL_FILE, folder / contract.DATA_FILE
     model = onnx.load_model(str(path), load_external_data=True)

@@ -10,12 +10,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llama2_onnx.assets import sha256_of as sha256_file
 from llama2_onnx.errors import UserError
 from llama2_onnx.models.config import ConfigError, ModelArgs, load_json
 
@@ -68,14 +68,6 @@ class FolderConfig:
         if cfg.precision not in PRECISIONS or cfg.graph != contract.GRAPH_PORTABLE:
             raise ModelFolderError(f"{folder}: unsupported precision {cfg.precision!r} or graph kind {cfg.graph!r}")
         return cfg
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_manifest(folder: Path) -> dict[str, Any]:

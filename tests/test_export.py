@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import onnxruntime as ort
-import pytest
 import torch
 
 from llama2_onnx.cli import main

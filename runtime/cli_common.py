@@ -13,7 +13,8 @@ def add_model_arguments(p) -> None:
     p.add_argument("--provider", choices=CHOICES, default="auto", help="execution provider (default auto: CUDA, DirectML, then CPU)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     p.add_argument("--no-io-binding", action="store_true", help="feed NumPy arrays instead of keeping the KV cache on the device")
-    p.add_argument("--check-hashes", action="store_true", help="verify every file's sha256 against the manifest")
+    p.add_argument("--check-hashes", action="store_true", default=None,
+                   help="verify every file's sha256 against the manifest (done anyway on a folder's first load)")
 
 
 def add_sampling_arguments(p, max_new_tokens: int) -> None:

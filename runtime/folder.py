@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -81,9 +82,22 @@ def write_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def check_manifest(folder: Path, *, hashes: bool = False) -> None:
+def _stamp_path(folder: Path) -> Path:
+    from llama2_onnx.assets import cache_dir
+
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24]
+    return cache_dir() / "verified" / f"{key}.json"
+
+
+def _file_states(folder: Path, names) -> dict[str, list[int]]:
+    return {n: [(folder / n).stat().st_size, (folder / n).stat().st_mtime_ns] for n in names}
+
+
+def check_manifest(folder: Path, *, hashes: bool | None = None) -> None:
     """Raise ModelFolderError naming the first file that is missing, a Git LFS pointer,
-    or of the wrong size (and, with hashes=True, the wrong sha256)."""
+    or of the wrong size, or (hashes=True, or None on the first load of this folder) of the
+    wrong sha256. A folder that passed the hash check is remembered, by file sizes and
+    modification times, in the cache folder, so later loads only check sizes."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelFolderError(f"model folder {folder} does not exist; export one with `llama2-onnx export CHECKPOINT {folder}`")
@@ -91,6 +105,12 @@ def check_manifest(folder: Path, *, hashes: bool = False) -> None:
     if not manifest_path.is_file():
         raise ModelFolderError(f"{folder} has no {contract.MANIFEST_FILE}: it is not a complete llama2-onnx model folder; export it again")
     files = load_json(manifest_path).get("files", {})
+    stamp = _stamp_path(folder)
+    if hashes is None:
+        try:
+            hashes = json.loads(stamp.read_text()) != _file_states(folder, files)
+        except (OSError, ValueError):
+            hashes = True
     for name, meta in files.items():
         path = folder / name
         if not path.is_file():
@@ -102,3 +122,9 @@ def check_manifest(folder: Path, *, hashes: bool = False) -> None:
             raise ModelFolderError(f"{path} is {size} bytes, the manifest says {meta['size']}: the file is truncated or altered; export again")
         if hashes and sha256_file(path) != meta["sha256"]:
             raise ModelFolderError(f"{path} does not match its sha256 in the manifest: the file is corrupt or altered; export again")
+    if hashes:
+        try:
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(json.dumps(_file_states(folder, files)))
+        except OSError:  # a read-only cache only costs a re-check next time
+            pass

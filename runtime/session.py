@@ -51,10 +51,11 @@ class Model:
 
     @classmethod
     def from_dir(cls, path: str | Path, provider: str = "auto", threads: int | None = None,
-                 io_binding: bool = True, check_hashes: bool = False, device_id: int = 0) -> "Model":
+                 io_binding: bool = True, check_hashes: bool | None = None, device_id: int = 0) -> "Model":
         """Open a model folder written by `llama2-onnx export`.
 
-        Checks the manifest (file sizes always, sha256 with check_hashes), reads config.json,
+        Checks the manifest (file sizes always; sha256 on the first load of the folder, or
+        always with check_hashes=True, never with False), reads config.json,
         and opens the session on provider ('auto', 'cpu', 'cuda' or 'dml') with threads
         intra-op threads (default: the physical cores).
         """

@@ -162,3 +162,14 @@ def test_int4_runs_and_stores_its_quality(tiny_hf_checkpoint, tmp_path):
 def test_int4_bad_options(tiny_hf_checkpoint, tmp_path, capsys):
     code, err = _cli([str(tiny_hf_checkpoint), str(tmp_path / "o"), "--precision", "int4", "--block-size", "7"], capsys)
     assert code == 2 and "--block-size" in err and not (tmp_path / "o").exists()
+
+
+def test_opset_18_for_older_runtimes(tiny_hf_checkpoint, tmp_path):
+    import onnx
+
+    out = tmp_path / "op18"
+    result = api.export_model(checkpoint=tiny_hf_checkpoint, out=out, opset=18, progress=False)
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")} == {18}
+    assert "RMSNormalization" not in {n.op_type for n in proto.graph.node}  # an opset-23 op
+    assert result.config.verify["max_abs_logit_diff"] < 1e-4

@@ -21,6 +21,8 @@ import torch
 from llama2_onnx.errors import UserError
 from llama2_onnx.models.llama import Transformer, greedy
 from llama2_onnx.runtime import contract
+from llama2_onnx.runtime.folder import FolderConfig
+from llama2_onnx.runtime.tokenizer import load_tokenizer
 
 from .quality_text import PERPLEXITY_TEXT
 
@@ -34,23 +36,13 @@ class VerificationError(UserError):
 
 def verify_tokens(folder: Path, vocab_size: int, n: int = 320) -> list[int]:
     """The verification text through the folder's tokenizer (at most n tokens), else seeded ids."""
-    try:
-        from llama2_onnx.runtime.tokenizer import load_tokenizer
-
-        cfg = _read_cfg(folder)
-        tok = load_tokenizer(folder, bos_id=cfg["bos_id"], eos_id=cfg["eos_id"])
+    cfg = FolderConfig.read(folder)
+    if cfg.tokenizer:
+        tok = load_tokenizer(folder, bos_id=cfg.model.bos_id, eos_id=cfg.model.eos_id)
         ids = tok.encode(PERPLEXITY_TEXT, bos=True, eos=False)
-        if ids and max(ids) < vocab_size:
+        if max(ids) < vocab_size:  # a tokenizer larger than the model's vocabulary: use ids
             return ids[:n]
-    except Exception:  # no tokenizer, or one that does not fit: fall back to ids
-        pass
     return np.random.default_rng(0).integers(3, vocab_size, 256).tolist()
-
-
-def _read_cfg(folder: Path) -> dict:
-    import json
-
-    return json.loads((folder / contract.CONFIG_FILE).read_text())["model"]
 
 
 def perplexity(logits: np.ndarray, tokens: list[int]) -> float:

@@ -170,7 +170,8 @@ def minimal_vocab(args: ModelArgs) -> dict[str, Any]:
     }
 
 
-def _add_value(writer, key: str, value: Any) -> None:
+def add_gguf_value(writer, key: str, value: Any) -> None:
+    """Write one metadata value with the GGUF type its Python type implies."""
     if isinstance(value, bool):
         writer.add_bool(key, value)
     elif isinstance(value, int):
@@ -216,7 +217,7 @@ def write_gguf(state_dict: dict[str, torch.Tensor], args: ModelArgs, path: str |
     w.add_vocab_size(args.vocab_size)
     w.add_file_type(LlamaFileType.ALL_F32 if qtype == "F32" else LlamaFileType[f"MOSTLY_{qtype}"])
     for key, value in (vocab if vocab is not None else minimal_vocab(args)).items():
-        _add_value(w, key, value)
+        add_gguf_value(w, key, value)
     for name, t in _weights(state_dict, args).items():
         arr = t.detach().float().numpy()
         if arr.ndim == 1 or qt == GGMLQuantizationType.F32:  # norms stay F32, as llama.cpp writes them

@@ -90,7 +90,8 @@ def _stamp_path(folder: Path) -> Path:
 
 
 def _file_states(folder: Path, names) -> dict[str, list[int]]:
-    return {n: [(folder / n).stat().st_size, (folder / n).stat().st_mtime_ns] for n in names}
+    stats = {n: (folder / n).stat() for n in names}
+    return {n: [st.st_size, st.st_mtime_ns] for n, st in stats.items()}
 
 
 def check_manifest(folder: Path, *, hashes: bool | None = None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -64,17 +64,17 @@ class _Row:
 class TextStream:
     """Iterate for text pieces as they are produced; `result` holds the GenerationResult after."""
 
-    def __init__(self, pieces: Iterator[str], box: list):
-        self._pieces, self._box = pieces, box
+    def __init__(self, pieces: Iterator[str], results: list):
+        self._pieces, self._results = pieces, results
 
     def __iter__(self) -> Iterator[str]:
         yield from self._pieces
 
     @property
     def result(self) -> GenerationResult:
-        if not self._box:
+        if not self._results:
             raise RuntimeError("the stream has not finished yet")
-        return self._box[0]
+        return self._results[0]
 
 
 class Generator:
@@ -133,37 +133,20 @@ class Generator:
     def _stream(self, ids: list[list[int]], max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                 top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = ()) -> TextStream:
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
-        box: list[GenerationResult] = []
-        pieces: list[str] = []
-
-        def run() -> Iterator[str]:
-            results = self.generate_ids(ids, max_new_tokens, params, seed, stop, on_text=lambda row, text: pieces.append(text),
-                                        yield_every_step=True)
-            for step in results:
-                if isinstance(step, list):  # the final results
-                    box.append(step[0])
-                    break
-                while pieces:
-                    yield pieces.pop(0)
-            while pieces:
-                yield pieces.pop(0)
-
-        return TextStream(run(), box)
+        results: list[GenerationResult] = []
+        pieces = (text for _, text in self._steps(ids, max_new_tokens, params, seed, list(stop), results))
+        return TextStream(pieces, results)
 
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
-                     seed: int | None = None, stop: Sequence[str] = (), on_text: Callable[[int, str], None] | None = None,
-                     yield_every_step: bool = False):
-        """Generate from token-id prompts. Returns the results, or with yield_every_step an
-        iterator that yields None after each step and the results list last."""
-        steps = self._steps(prompts, max_new_tokens, params, seed, list(stop), on_text)
-        if yield_every_step:
-            return steps
-        for item in steps:
-            if isinstance(item, list):
-                return item
-        raise AssertionError("unreachable")
+                     seed: int | None = None, stop: Sequence[str] = ()) -> list[GenerationResult]:
+        """Generate from token-id prompts (a left-padded batch); one result per prompt."""
+        results: list[GenerationResult] = []
+        for _ in self._steps(prompts, max_new_tokens, params, seed, list(stop), results):
+            pass
+        return results
 
-    def _steps(self, prompts, max_new_tokens, params, seed, stop, on_text):
+    def _steps(self, prompts, max_new_tokens, params, seed, stop, results: list) -> Iterator[tuple[int, str]]:
+        """Yield (row, text) as each row's text is produced; append the results at the end."""
         if max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if not prompts or any(not p for p in prompts):
@@ -199,43 +182,39 @@ class Generator:
                 timings.token_ms.append((now - start) * 1000)
             start = now
             for i, (row, tok) in enumerate(zip(rows, chosen.tolist())):
-                if row.finish is None:
-                    self._advance(i, row, tok, stop_ids, stop, on_text)
-            yield None
+                if row.finish is None and (text := self._advance(row, tok, stop_ids, stop)):
+                    yield i, text
             if all(r.finish for r in rows) or n == budget - 1:
                 break
             feed = np.array([[t.tokens[-1] if t.finish is None else self.pad_id] for t in rows], np.int64)
             logits = self.model.step(feed, np.ones_like(feed), cache)
-        results = []
         for i, row in enumerate(rows):
             if row.finish is None:
-                self._emit(i, row, row.pending + row.decoder.flush(), on_text)
                 row.finish = FINISH_LENGTH
+                if text := self._emit(row, row.pending + row.decoder.flush()):
+                    yield i, text
             results.append(GenerationResult(row.text, row.tokens, row.finish, len(row.prompt), timings))
-        yield results
 
-    def _advance(self, i: int, row: _Row, tok: int, stop_ids: set[int], stop: list[str], on_text) -> None:
+    def _advance(self, row: _Row, tok: int, stop_ids: set[int], stop: list[str]) -> str:
+        """Take one sampled token into the row; return the text it releases."""
         if tok in stop_ids:
             row.finish = FINISH_EOS
-            self._emit(i, row, row.pending + row.decoder.flush(), on_text)
-            return
+            return self._emit(row, row.pending + row.decoder.flush())
         row.tokens.append(tok)
         row.pending += row.decoder.push(tok)
         if not stop:
-            self._emit(i, row, row.pending, on_text)
-            return
+            return self._emit(row, row.pending)
         hits = [h for h in (row.pending.find(s) for s in stop) if h >= 0]
         if hits:
             row.finish = FINISH_STOP
-            self._emit(i, row, row.pending[:min(hits)], on_text)
-            return
+            return self._emit(row, row.pending[:min(hits)])
         # hold back a tail that may yet become a stop string
         keep = max((k for s in stop for k in range(1, len(s)) if row.pending.endswith(s[:k])), default=0)
-        self._emit(i, row, row.pending[:len(row.pending) - keep], on_text, keep=row.pending[len(row.pending) - keep:])
+        cut = len(row.pending) - keep
+        return self._emit(row, row.pending[:cut], keep=row.pending[cut:])
 
     @staticmethod
-    def _emit(i: int, row: _Row, text: str, on_text, keep: str = "") -> None:
+    def _emit(row: _Row, text: str, keep: str = "") -> str:
         row.text += text
         row.pending = keep
-        if text and on_text:
-            on_text(i, text)
+        return text

@@ -15,7 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import contract
-from .folder import LFS_HEADER, FolderConfig, ModelFolderError, check_manifest
+from .folder import FolderConfig, ModelFolderError, check_manifest
 from .providers import Provider, physical_cores, resolve
 
 
@@ -69,9 +69,7 @@ class Model:
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         prov_opts = {"device_id": str(device_id)} if prov.name in ("cuda", "dml") else {}
-        model_path = folder / contract.MODEL_FILE
-        if model_path.read_bytes()[:len(LFS_HEADER)] == LFS_HEADER:
-            raise ModelFolderError(f"{model_path} is a Git LFS pointer, not the model; run `git lfs pull`")
+        model_path = folder / contract.MODEL_FILE  # an LFS pointer fails the manifest's size check
         try:
             session = ort.InferenceSession(str(model_path), opts, providers=[(prov.ort_name, prov_opts)])
         except Exception as e:  # ORT raises its own types; one line for the user

@@ -192,17 +192,7 @@ def _rewrite_gguf(src, dst, drop=(), replace=None):
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue  # written by GGUFWriter itself
-        value = field.contents()
-        if isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            w.add_uint32(key, value)
-        elif isinstance(value, float):
-            w.add_float32(key, value)
-        elif isinstance(value, str):
-            w.add_string(key, value)
-        else:
-            w.add_array(key, value)
+        writers.add_gguf_value(w, key, field.contents())
     for t in reader.tensors:
         if t.name in drop:
             continue

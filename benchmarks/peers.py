@@ -93,7 +93,8 @@ def load_ours(job: Job) -> Loaded:
         state = {}
 
         def prefill():
-            cache = state["cache"] = model.new_cache(mask)  # allocating the cache is part of the first token
+            # allocating the cache is part of the first token
+            cache = state["cache"] = model.new_cache(mask, capacity=ids.shape[1] + job.new_tokens)
             return _suppress(model.step(ids, mask, cache), job.eos_ids)
 
         def step(prev):

@@ -11,29 +11,15 @@ copy of the weights is in memory at a time, for models too big to hold several.
 
 from __future__ import annotations
 
-import os
 from typing import Callable
+
+from llama2_onnx.runtime.providers import available_memory
 
 from .job import Job
 from .noise import NoiseMeter
 from .worker import LocalWorker, ProcessWorker, WorkerError
 
 INTERLEAVE = ("auto", "on", "off")
-
-
-def available_memory() -> int | None:
-    """MemAvailable (free memory plus the page cache the kernel can drop), in bytes."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 def should_interleave(mode: str, memory_factors: list[float], weight_bytes: int | None,

@@ -1,4 +1,14 @@
-"""export_model: checkpoint in, verified ONNX model folder out."""
+"""export_model: checkpoint in, verified ONNX model folder out.
+
+Two ways to the graph, the same I/O contract and numerics (tests/test_streaming.py):
+
+    assemble (default)  export/graph.py writes the graph node by node, reading one tensor at a
+                        time from the checkpoint (models.checkpoint.open_checkpoint): memory is
+                        one layer's weights, whatever the model's size; both graph kinds, every
+                        precision
+    trace               torch.onnx.export of models/llama.py holding the whole model (portable
+                        graph, fp32 and fp16): the reference the assembled graph is tested against
+"""
 
 from __future__ import annotations
 
@@ -16,13 +26,14 @@ from llama2_onnx.runtime import contract
 from llama2_onnx.runtime.folder import PRECISIONS, FolderConfig
 
 from . import folder as out_folder
+from .graph import write_graph
 from .precision import Int4Options, quantize_int4
 from .progress import Stages
-from .trace import DEFAULT_OPSET, trace
+from .trace import DEFAULT_OPSET, MIN_OPSET, trace
 from .verify import verify
+from .verify_layers import fits_in_memory, verify_layers
 
-# int4 is traced in float32, then its MatMul weights are quantized (export/precision.py)
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "int4": torch.float32}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 
 
 @dataclass
@@ -81,51 +92,93 @@ def _default_chat_format(checkpoint: ckpt.Checkpoint, tokenizer: str | None) -> 
     return "llama2" if tokenizer == gguf_vocab.SPM_FILE else None
 
 
-def export_model(
-    *, checkpoint: str | Path, out: str | Path, precision: str = "fp32", max_seq_len: int | None = None,
-    opset: int = DEFAULT_OPSET, overwrite: bool = False, verify_export: bool = True,
-    tokenizer: str | Path | None = None, chat_format: str | None = None, progress: bool = True,
-    int4: Int4Options | None = None,
-) -> ExportResult:
-    """Export a Meta, Hugging Face or GGUF Llama checkpoint to an ONNX model folder at out."""
+def reference_model(source) -> Transformer:
+    """The float32 PyTorch decoder from an opened checkpoint, read tensor by tensor."""
+    state = {n: source.read(n).float() for n in source.names}
+    return build_model(ckpt.Checkpoint(args=source.args, state_dict=state, source=source.source, path=source.path),
+                       torch.float32)
+
+
+def _check_options(precision: str, graph: str, trace_graph: bool, opset: int, int4: Int4Options | None) -> None:
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if graph not in contract.GRAPHS:
+        raise UserError(f"--graph must be one of {', '.join(contract.GRAPHS)}, got {graph!r}")
+    if not MIN_OPSET <= opset <= DEFAULT_OPSET:
+        raise UserError(f"--opset must be between {MIN_OPSET} and {DEFAULT_OPSET}, got {opset}")
+    if trace_graph and (graph != contract.GRAPH_PORTABLE or precision not in DTYPES):
+        raise UserError("--trace writes the portable graph in fp32 or fp16; drop --trace for --graph ort or int4")
+
+
+def export_model(
+    *, checkpoint: str | Path, out: str | Path, precision: str = "fp32", graph: str = contract.GRAPH_PORTABLE,
+    trace_graph: bool = False, max_seq_len: int | None = None, opset: int = DEFAULT_OPSET, overwrite: bool = False,
+    verify_export: bool = True, tokenizer: str | Path | None = None, chat_format: str | None = None,
+    progress: bool = True, int4: Int4Options | None = None,
+) -> ExportResult:
+    """Export a Meta, Hugging Face or GGUF Llama checkpoint to an ONNX model folder at out."""
+    int4 = (int4 or Int4Options()) if precision == "int4" else None
+    _check_options(precision, graph, trace_graph, opset, int4)
     out = Path(out)
     out_folder.check_out(out, overwrite)  # fail before the slow work
-    int4 = (int4 or Int4Options()) if precision == "int4" else None
-    names = ["load", "convert", "trace", *(["quantize"] if int4 else []), "save", *(["verify"] if verify_export else [])]
+    hqq = int4 is not None and int4.algorithm == "hqq"  # fitted in a pass over the float32 graph
+    names = ["load", "trace" if trace_graph else "write", *(["quantize"] if hqq else []), "save",
+             *(["verify"] if verify_export else [])]
     stages = Stages(names, progress)
 
     with stages.stage("load"):
-        loaded = ckpt.load(checkpoint)
-    if max_seq_len is not None:
-        if max_seq_len <= 0:
-            raise UserError(f"--max-seq-len must be positive, got {max_seq_len}")
-        loaded.args.max_seq_len = max_seq_len
+        source = ckpt.open_checkpoint(checkpoint)  # headers only: tensors are read when written
+    with source:
+        args = source.args
+        if max_seq_len is not None:
+            if max_seq_len <= 0:
+                raise UserError(f"--max-seq-len must be positive, got {max_seq_len}")
+            args.max_seq_len = max_seq_len
 
-    with out_folder.staging(out, overwrite) as tmp:
-        with stages.stage("convert"):
-            model = build_model(loaded, DTYPES[precision])
-        with stages.stage("trace"):
-            trace(model, tmp, opset=opset)
-        del model
-        if int4 is not None:
-            with stages.stage("quantize"):
-                quantize_int4(tmp, int4)
-        with stages.stage("save"):
-            tok_name, special = _tokenizer_files(loaded, tmp, Path(tokenizer) if tokenizer else None)
-            cfg = FolderConfig(
-                model=loaded.args, precision=precision, opset=opset,
-                chat_format=chat_format or _default_chat_format(loaded, tok_name),
-                quantization=int4.to_dict() if int4 else {},
-                tokenizer=tok_name or "", add_bos=_add_bos(loaded, tok_name), source={"path": str(Path(checkpoint).resolve()), "format": loaded.source},
-            )
-            out_folder.write_configs(tmp, cfg, special)
-        if verify_export:
-            with stages.stage("verify"):
-                reference = build_model(loaded, torch.float32)
-                cfg.verify = verify(tmp, reference, precision=precision)
-                del reference
-            (tmp / contract.CONFIG_FILE).write_text(cfg.to_json())
-        out_folder.finish(tmp)
+        with out_folder.staging(out, overwrite) as tmp:
+            if trace_graph:
+                with stages.stage("trace"):
+                    model = build_model(ckpt.Checkpoint(args=args, state_dict={n: source.read(n) for n in source.names},
+                                                        source=source.source, path=source.path), DTYPES[precision])
+                    trace(model, tmp, opset=opset)
+                    del model
+            else:
+                quant = int4.quant(args.n_layers) if int4 and not hqq else None
+                with stages.stage("write", total=args.n_layers) as step:
+                    write_graph(args, source.read, tmp, graph=graph, precision="fp32" if hqq else precision,
+                                quant=quant, opset=opset, on_layer=lambda i: step())
+            if hqq:
+                with stages.stage("quantize"):
+                    quantize_int4(tmp, int4)
+            with stages.stage("save"):
+                tok_name, special = _tokenizer_files(source, tmp, Path(tokenizer) if tokenizer else None)
+                cfg = FolderConfig(
+                    model=args, precision=precision, graph=graph, opset=opset,
+                    chat_format=chat_format or _default_chat_format(source, tok_name),
+                    quantization=_quantization(int4, args.n_layers), tokenizer=tok_name or "", add_bos=_add_bos(source, tok_name),
+                    source={"path": str(Path(checkpoint).resolve()), "format": source.source},
+                )
+                out_folder.write_configs(tmp, cfg, special)
+            if verify_export:
+                full = fits_in_memory(args, tmp)
+                with stages.stage("verify", total=None if full else args.n_layers) as step:
+                    if full:
+                        reference = reference_model(source)
+                        cfg.verify = verify(tmp, reference)
+                        del reference
+                    else:
+                        cfg.verify = verify_layers(source, cfg, on_layer=lambda i: step())
+                (tmp / contract.CONFIG_FILE).write_text(cfg.to_json())
+            out_folder.finish(tmp)
     return ExportResult(out=out, config=cfg, seconds=stages.seconds)
+
+
+def _quantization(int4: Int4Options | None, n_layers: int) -> dict:
+    if int4 is None:
+        return {}
+    d = int4.to_dict()
+    if int4.algorithm != "hqq":
+        q = int4.quant(n_layers)
+        d.update(head=f"{q.head_bits}-bit MatMulNBits", wide_bits=q.wide_bits, wide_weights=list(q.wide_weights),
+                 wide_layers=list(q.wide_layers))
+    return d

@@ -52,8 +52,16 @@ def staging(out: Path, overwrite: bool) -> Iterator[Path]:
 
 
 def genai_config(cfg: FolderConfig) -> dict:
-    """onnxruntime-genai's genai_config.json for the portable graph."""
+    """onnxruntime-genai's genai_config.json (the fused graph: no position_ids, one shared KV buffer)."""
     a = cfg.model
+    fused = cfg.graph == contract.GRAPH_ORT
+    inputs = {
+        "input_ids": contract.INPUT_IDS,
+        "attention_mask": contract.ATTENTION_MASK,
+        **({} if fused else {"position_ids": contract.POSITION_IDS}),
+        "past_key_names": contract.PAST_KEY,
+        "past_value_names": contract.PAST_VALUE,
+    }
     return {
         "model": {
             "bos_token_id": a.bos_id,
@@ -63,13 +71,7 @@ def genai_config(cfg: FolderConfig) -> dict:
                 "filename": contract.MODEL_FILE,
                 "head_size": a.head_dim,
                 "hidden_size": a.dim,
-                "inputs": {
-                    "input_ids": contract.INPUT_IDS,
-                    "attention_mask": contract.ATTENTION_MASK,
-                    "position_ids": contract.POSITION_IDS,
-                    "past_key_names": contract.PAST_KEY,
-                    "past_value_names": contract.PAST_VALUE,
-                },
+                "inputs": inputs,
                 "outputs": {
                     "logits": contract.LOGITS,
                     "present_key_names": contract.PRESENT_KEY,
@@ -87,7 +89,7 @@ def genai_config(cfg: FolderConfig) -> dict:
         "search": {
             "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
             "max_length": a.max_seq_len, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-            "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "num_return_sequences": 1, "past_present_share_buffer": fused, "repetition_penalty": 1.0,
             "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }

@@ -35,14 +35,14 @@ from llama2_onnx.runtime import contract
 
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-ALGORITHMS = ("hqq", "rtn")
+ALGORITHMS = ("hqq", "mse", "rtn")
 
 
 @dataclass(frozen=True)
 class Int4Options:
     block_size: int = 32  # weights per scale
     accuracy_level: int = 4  # 4: int8 activations, the VNNI/AMX path on x86 CPUs
-    algorithm: str = "rtn"  # rtn (round to nearest, asymmetric) or hqq (fitted float zero points)
+    algorithm: str = "rtn"  # rtn (round to nearest, asymmetric), mse (searched scales) or hqq (float zero points)
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -55,6 +55,13 @@ class Int4Options:
     def to_dict(self) -> dict:
         return {"bits": 4, "block_size": self.block_size, "accuracy_level": self.accuracy_level,
                 "algorithm": self.algorithm, "op": "MatMulNBits", "head": "float32", "embedding": "float32"}
+
+    def quant(self, n_layers: int):
+        """The assembled graph's recipe (export/graph.py Quant): not for hqq, which rewrites a float32 graph."""
+        from .graph import Quant
+
+        return Quant(block_size=self.block_size, accuracy_level=self.accuracy_level, search=self.algorithm == "mse",
+                     wide_layers=(0, n_layers - 1))
 
 
 def quantize_int4(folder: Path, options: Int4Options) -> int:

@@ -57,22 +57,22 @@ def perplexity(logits: np.ndarray, tokens: list[int]) -> float:
 class OnnxDecoder:
     """The bare graph with NumPy feeds: an independent path from runtime.Model."""
 
-    def __init__(self, path: Path, n_layers: int, n_kv_heads: int, head_dim: int, kv_dtype):
+    def __init__(self, path: Path, n_layers: int, n_kv_heads: int, head_dim: int, kv_dtype,
+                 graph: str = contract.GRAPH_PORTABLE):
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         self.n_layers, self.kv_shape, self.kv_dtype = n_layers, (n_kv_heads, head_dim), kv_dtype
+        self.positions = graph == contract.GRAPH_PORTABLE  # the fused graph derives them from the mask
 
     def __call__(self, ids: np.ndarray, past: list[np.ndarray] | None):
         b, s = ids.shape
         if past is None:
             past = [np.zeros((b, self.kv_shape[0], 0, self.kv_shape[1]), self.kv_dtype)] * (2 * self.n_layers)
         p = past[0].shape[2]
-        feeds = {
-            contract.INPUT_IDS: ids.astype(np.int64),
-            contract.ATTENTION_MASK: np.ones((b, p + s), np.int64),
-            contract.POSITION_IDS: np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy(),
-        }
+        feeds = {contract.INPUT_IDS: ids.astype(np.int64), contract.ATTENTION_MASK: np.ones((b, p + s), np.int64)}
+        if self.positions:
+            feeds[contract.POSITION_IDS] = np.broadcast_to(np.arange(p, p + s, dtype=np.int64), (b, s)).copy()
         feeds.update(zip(contract.past_names(self.n_layers), past))
         logits, *present = self.session.run(None, feeds)
         return logits, present
@@ -86,12 +86,13 @@ class OnnxDecoder:
         return out
 
 
-def verify(folder: Path, reference: Transformer, *, precision: str, greedy_tokens: int = 32) -> dict:
+def verify(folder: Path, reference: Transformer, *, greedy_tokens: int = 32) -> dict:
     """Compare folder/model.onnx with the float32 PyTorch reference; raise for a bad fp32 export."""
     a = reference.args
-    tokens = verify_tokens(folder, a.vocab_size)
-    kv_dtype = np.float16 if precision == "fp16" else np.float32
-    onnx_model = OnnxDecoder(folder / contract.MODEL_FILE, a.n_layers, a.n_kv_heads, a.head_dim, kv_dtype)
+    cfg = FolderConfig.read(folder)
+    precision = cfg.precision
+    tokens = verify_tokens(folder, a.vocab_size)[: a.max_seq_len]  # not beyond the context (the fused graph's rotary table ends there)
+    onnx_model = OnnxDecoder(folder / contract.MODEL_FILE, a.n_layers, a.n_kv_heads, a.head_dim, cfg.kv_dtype, cfg.graph)
 
     ids = torch.tensor([tokens])
     with torch.no_grad():

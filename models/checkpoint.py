@@ -1,33 +1,40 @@
-"""Load a Llama checkpoint of any supported format: ``load(path) -> Checkpoint``.
+"""Open a Llama checkpoint of any supported format and read it a tensor at a time.
 
-Formats (``FORMATS``: a detection function, a loader and the rotary fix-up for each):
+    src = open_checkpoint(path)   # headers only: src.args, src.names, src.shape(n), src.dtype(n)
+    w = src.read(name)            # one tensor, Meta layout; memory bounded by the largest tensor
+    ckpt = load(path)             # every tensor at once: a Checkpoint with a state dict
+
+Formats (``FORMATS``: a detection function, an opener and the rotary fix-up for each):
 
     meta  a folder with params.json + consolidated.NN.pth (1, 2 or 8 model-parallel shards)
     hf    a folder with config.json + model.safetensors, model-0000x-of-0000y.safetensors
           (+ model.safetensors.index.json) or pytorch_model.bin (+ its index)
     gguf  a .gguf file of architecture 'llama' (or a folder holding exactly one)
 
-Whatever the source, the state dict comes out in Meta's names and rotary layout, its
-shapes checked against ModelArgs; tied embeddings leave no ``output.weight``. Every bad
-input raises one line: a CheckpointError (or the ConfigError of a bad config file) that
-names the problem and the fix. Names and layouts are in ``checkpoint_layout``.
+Whatever the source, tensors come out in Meta's names and rotary layout, their shapes
+checked against ModelArgs when the checkpoint is opened, before any data is read; tied
+embeddings leave no ``output.weight``. Every bad input raises one line: a CheckpointError
+(or the ConfigError of a bad config file) that names the problem and the fix. Names and
+layouts are in ``checkpoint_layout``; the bytes of each file format in ``tensor_files``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from llama2_onnx.errors import UserError
 
+from . import tensor_files
 from .checkpoint_layout import IGNORED, expected_shapes, hf_to_meta, rope_heads, shard_dim, source_name, to_meta_name
 from .config import ConfigError, ModelArgs, load_json
 from .gguf_vocab import VocabError, read_vocab
+from .tensor_files import TensorFileError, TensorRef
 
 
 class CheckpointError(UserError, ValueError):
@@ -43,6 +50,62 @@ class Checkpoint:
     tokenizer_files: list[Path] = field(default_factory=list)  # tokenizer.model / tokenizer.json beside the weights
     gguf_vocab: dict[str, Any] | None = None  # GGUF tokenizer.* fields, for gguf_vocab.write_tokenizer
     chat_format: str | None = None  # "llama2" | "chatml" | None (unknown)
+
+
+@dataclass
+class LazyCheckpoint:
+    """A checkpoint's headers, its tensors read one at a time: ``read`` keeps nothing, so reading
+    them all in turn needs memory for about one (two for Meta's shards, which are concatenated)."""
+
+    args: ModelArgs
+    pieces: dict[str, list[TensorRef]]  # Meta name -> where its bytes are, one part per model-parallel shard
+    source: str  # "meta" | "hf" | "gguf"
+    path: Path
+    tokenizer_files: list[Path] = field(default_factory=list)
+    gguf_vocab: dict[str, Any] | None = None
+    chat_format: str | None = None
+    rope_to_meta: Callable[[torch.Tensor, int], torch.Tensor] | None = None  # q/k layout fix applied by read
+
+    @property
+    def names(self) -> list[str]:
+        """Meta names: tok_embeddings, layers.0.* ... layers.N-1.*, norm, output (absent when tied)."""
+        return list(self.pieces)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape in Meta's layout, shards merged."""
+        parts = self.pieces[name]
+        shape = list(parts[0].shape)
+        if len(parts) > 1:
+            dim = shard_dim(name)
+            shape[dim] = sum(p.shape[dim] for p in parts)
+        return tuple(shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The dtype ``read`` returns: the stored float type (float32 for GGUF quant types)."""
+        return self.pieces[name][0].dtype
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor `name` in Meta's layout, read from the file(s) now."""
+        try:
+            parts = [tensor_files.read(p) for p in self.pieces[name]]
+        except TensorFileError as e:
+            raise _corrupt(e.path, e) from None
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=shard_dim(name))
+        del parts
+        heads = rope_heads(name, self.args)
+        if self.rope_to_meta is not None and heads is not None:
+            t = self.rope_to_meta(t, heads)
+        return t
+
+    def close(self) -> None:
+        """Forget the tensor table (and a legacy .pth file's tensors, which are held whole)."""
+        self.pieces = {}
+
+    def __enter__(self) -> LazyCheckpoint:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 # ---- reading weight files ---------------------------------------------------------
@@ -81,33 +144,19 @@ def _corrupt(path: Path, e: BaseException) -> CheckpointError:
     return CheckpointError(f"cannot read {path} ({_first_line(e)}): the file is truncated or corrupt, download it again")
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+def _open_weights(path: Path) -> dict[str, TensorRef]:
+    """The tensors of one .safetensors or torch (.pth/.bin) file, by the file's own names."""
     _check_weights_file(path)
     try:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            data = torch.load(path, map_location="cpu", weights_only=True)  # pre-zip format: no mmap
-    except Exception as e:  # a truncated zip, a bad pickle, a non-tensor object: all mean "unreadable"
+        refs = tensor_files.open_safetensors(path) if path.suffix == ".safetensors" else tensor_files.open_torch(path)
+    except TensorFileError as e:
         raise _corrupt(path, e) from None
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+    if not isinstance(refs, dict) or not all(isinstance(v, TensorRef) for v in refs.values()):
         raise CheckpointError(f"{path} does not hold a dict of tensors: is it a model checkpoint?")
-    return data
+    return refs
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    _check_weights_file(path)
-    try:
-        return load_file(path)
-    except Exception as e:
-        raise _corrupt(path, e) from None
-
-
-def _rename(tensors: dict[str, torch.Tensor], source: str, where: Path) -> dict[str, torch.Tensor]:
+def _rename(tensors: dict[str, TensorRef], source: str, where: Path) -> dict[str, TensorRef]:
     """Source names -> Meta names, dropping known non-weight buffers, refusing strangers."""
     out = {}
     for name, t in tensors.items():
@@ -134,22 +183,22 @@ def _chat_format(template: str | None, names: list[str]) -> str | None:
 
 # ---- Meta -------------------------------------------------------------------------
 
-def _merge_shards(parts: list[dict[str, torch.Tensor]], files: list[Path]) -> dict[str, torch.Tensor]:
-    """Meta's model-parallel shards -> one state dict (norms replicated, the rest concatenated)."""
-    if len(parts) == 1:
-        return dict(parts[0])
+def _merge_shards(parts: list[dict[str, TensorRef]], files: list[Path]) -> dict[str, list[TensorRef]]:
+    """Meta's model-parallel shards -> each tensor's parts (norms are replicated: shard 0's)."""
     merged = {}
-    for name in parts[0]:
+    for name, first in parts[0].items():
         pieces = [p.get(name) for p in parts]
         for piece, f in zip(pieces, files):
             if piece is None:
                 raise CheckpointError(f"{name} is in {files[0].name} but not in {f.name}: the shards are from different checkpoints")
-        dim = shard_dim(name)
-        merged[name] = pieces[0] if dim is None else torch.cat(pieces, dim=dim)
+            if piece.shape != first.shape:
+                raise CheckpointError(f"{name} has shape {list(first.shape)} in {files[0].name} but {list(piece.shape)} "
+                                      f"in {f.name}: the shards are from different checkpoints")
+        merged[name] = [first] if shard_dim(name) is None or len(parts) == 1 else pieces
     return merged
 
 
-def load_meta(folder: Path) -> Checkpoint:
+def open_meta(folder: Path) -> LazyCheckpoint:
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not (folder / "params.json").is_file():
         raise CheckpointError(f"{folder} has no params.json: copy it from the same Meta download as the consolidated.NN.pth files")
@@ -160,9 +209,9 @@ def load_meta(folder: Path) -> Checkpoint:
         raise CheckpointError(f"{folder} has shards {', '.join(names)}, not consolidated.00.pth onwards without gaps: "
                               "a shard is missing, download all of them")
     params = load_json(folder / "params.json")
-    parts = [{k: v for k, v in _torch_load(f).items() if not IGNORED["meta"].fullmatch(k)} for f in shards]
+    parts = [{k: v for k, v in _open_weights(f).items() if not IGNORED["meta"].fullmatch(k)} for f in shards]
     emb = parts[0].get("tok_embeddings.weight")
-    if emb is None or emb.dim() != 2:
+    if emb is None or len(emb.shape) != 2:
         raise CheckpointError(f"{shards[0]} has no 2-D tok_embeddings.weight: is it a Llama checkpoint?")
     args = _args_from(folder, ModelArgs.from_params_json, params, vocab_size=emb.shape[0])
     n = len(shards)
@@ -173,8 +222,8 @@ def load_meta(folder: Path) -> Checkpoint:
                               f"but params.json says dim {args.dim}: shard count and config disagree, download all "
                               f"consolidated.NN.pth files (dim {args.dim} needs {count}) and their params.json")
     base = [folder, folder.parent]
-    return Checkpoint(
-        args=args, state_dict=_merge_shards(parts, shards), source="meta", path=folder,
+    return LazyCheckpoint(
+        args=args, pieces=_merge_shards(parts, shards), source="meta", path=folder,
         tokenizer_files=next(([d / t] for d in base for t in TOKENIZER_FILES if (d / t).is_file()), []),
         chat_format=_chat_format(None, [folder.name]),
     )
@@ -208,23 +257,22 @@ def _hf_weight_files(folder: Path) -> list[Path]:
                           "model-0000x-of-0000y.safetensors with model.safetensors.index.json, or pytorch_model.bin")
 
 
-def load_hf(folder: Path) -> Checkpoint:
+def open_hf(folder: Path) -> LazyCheckpoint:
     cfg = load_json(folder / "config.json")
     args = _args_from(folder, ModelArgs.from_hf_config, cfg)
-    state: dict[str, torch.Tensor] = {}
+    refs: dict[str, TensorRef] = {}
     for f in _hf_weight_files(folder):
-        tensors = _read_safetensors(f) if f.suffix == ".safetensors" else _torch_load(f)
-        state.update(_rename(tensors, "hf", f))
+        refs.update(_rename(_open_weights(f), "hf", f))
     if args.tie_embeddings:
-        state.pop("output.weight", None)  # a tied lm_head saved anyway is the embedding again
+        refs.pop("output.weight", None)  # a tied lm_head saved anyway is the embedding again
     template = None
     if (folder / "tokenizer_config.json").is_file():
         try:
             template = load_json(folder / "tokenizer_config.json").get("chat_template")
         except ConfigError:
             pass  # the chat format is a nicety; a broken tokenizer config is the tokenizer's problem
-    return Checkpoint(
-        args=args, state_dict=state, source="hf", path=folder,
+    return LazyCheckpoint(
+        args=args, pieces={name: [ref] for name, ref in refs.items()}, source="hf", path=folder,
         tokenizer_files=[folder / t for t in TOKENIZER_FILES if (folder / t).is_file()],
         chat_format=_chat_format(template if isinstance(template, str) else None,
                                  [folder.name, str(cfg.get("_name_or_path", ""))]),
@@ -239,20 +287,7 @@ GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_
 _VOCAB_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"}
 
 
-def _gguf_tensor(t) -> torch.Tensor:
-    """One GGUF tensor as a torch tensor in numpy/torch dim order (GGUF lists dims fastest first)."""
-    from gguf import GGMLQuantizationType as Q
-    from gguf.quants import dequantize
-
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # (rows, cols)
-    if t.tensor_type in (Q.F32, Q.F16):
-        arr = np.array(t.data)  # copy out of the read-only memory map, dtype kept
-    else:
-        arr = dequantize(t.data, t.tensor_type)  # float32
-    return torch.from_numpy(arr.reshape(shape))
-
-
-def load_gguf(path: Path) -> Checkpoint:
+def open_gguf(path: Path) -> LazyCheckpoint:
     from gguf import GGUFReader
 
     _check_weights_file(path)
@@ -260,34 +295,35 @@ def load_gguf(path: Path) -> Checkpoint:
         if f.read(4) != GGUF_MAGIC:
             raise CheckpointError(f"{path} is not a GGUF file (it does not start with 'GGUF'): pass a .gguf model file")
     try:
-        reader = GGUFReader(str(path))
+        reader = GGUFReader(str(path))  # maps the file; only the metadata pages are touched
     except Exception as e:
         raise _corrupt(path, e) from None
     meta = {k: f.contents() for k, f in reader.fields.items() if k not in _VOCAB_ARRAYS}
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise CheckpointError(f"{path} is a GGUF of architecture {arch!r}; only 'llama' (Llama 2, SmolLM2, ...) is supported")
+    if reader.byte_order != "I":
+        raise CheckpointError(f"{path} is a big-endian GGUF: convert it on a little-endian machine with llama.cpp")
     if not reader.tensors:
         raise CheckpointError(f"{path} holds no tensors (a vocabulary-only GGUF?): pass a GGUF file with the model weights")
     bad = sorted({t.tensor_type.name for t in reader.tensors} - set(GGUF_TYPES))
     if bad:
         raise CheckpointError(f"{path} uses GGUF type(s) {', '.join(bad)}; supported: {', '.join(GGUF_TYPES)}: "
                               "use a file quantized to one of those (llama.cpp's llama-quantize makes them)")
-    state = _rename({t.name: t for t in reader.tensors}, "gguf", path)
     try:
-        state = {name: _gguf_tensor(t) for name, t in state.items()}
-    except Exception as e:
+        refs = _rename(tensor_files.gguf_tensors(reader, path), "gguf", path)
+    except TensorFileError as e:
         raise _corrupt(path, e) from None
     try:
         vocab = read_vocab(reader)
     except VocabError:
         vocab = None
-    emb = state.get("tok_embeddings.weight")
+    emb = refs.get("tok_embeddings.weight")
     vocab_size = emb.shape[0] if emb is not None else int(meta.get("llama.vocab_size", 0)) or None
-    args = _args_from(path, ModelArgs.from_gguf_metadata, meta, vocab_size, tie_embeddings="output.weight" not in state)
+    args = _args_from(path, ModelArgs.from_gguf_metadata, meta, vocab_size, tie_embeddings="output.weight" not in refs)
     template = (vocab or {}).get("tokenizer.chat_template")
-    return Checkpoint(
-        args=args, state_dict=state, source="gguf", path=path, gguf_vocab=vocab,
+    return LazyCheckpoint(
+        args=args, pieces={name: [ref] for name, ref in refs.items()}, source="gguf", path=path, gguf_vocab=vocab,
         chat_format=_chat_format(template, [path.name, str(meta.get("general.name", ""))]),
     )
 
@@ -296,8 +332,8 @@ def load_gguf(path: Path) -> Checkpoint:
 
 @dataclass(frozen=True)
 class Format:
-    detect: Callable[[Path], Path | None]  # the path the loader takes, or None: not this format
-    load: Callable[[Path], Checkpoint]
+    detect: Callable[[Path], Path | None]  # the path the opener takes, or None: not this format
+    open: Callable[[Path], LazyCheckpoint]  # headers read, names in the file's order, not validated
     rope_to_meta: Callable[[torch.Tensor, int], torch.Tensor] | None  # q/k layout fix; None: Meta's already
 
 
@@ -329,14 +365,14 @@ def _detect_hf(path: Path) -> Path | None:
 
 
 FORMATS: dict[str, Format] = {
-    "gguf": Format(_detect_gguf, load_gguf, rope_to_meta=None),  # llama.cpp stores q/k in Meta's layout
-    "meta": Format(_detect_meta, load_meta, rope_to_meta=None),
-    "hf": Format(_detect_hf, load_hf, rope_to_meta=hf_to_meta),
+    "gguf": Format(_detect_gguf, open_gguf, rope_to_meta=None),  # llama.cpp stores q/k in Meta's layout
+    "meta": Format(_detect_meta, open_meta, rope_to_meta=None),
+    "hf": Format(_detect_hf, open_hf, rope_to_meta=hf_to_meta),
 }
 
 
 def detect(path: str | Path) -> tuple[str, Path]:
-    """(format name, the path its loader takes) for a checkpoint file or folder."""
+    """(format name, the path its opener takes) for a checkpoint file or folder."""
     path = Path(path).expanduser()
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: pass a checkpoint folder (Meta or Hugging Face) or a .gguf file")
@@ -356,46 +392,52 @@ def _describe(a: ModelArgs) -> str:
             f"vocab_size={a.vocab_size}, ffn_hidden_dim={a.ffn_hidden_dim}")
 
 
-def validate(ckpt: Checkpoint) -> None:
+def validate(src: LazyCheckpoint) -> None:
     """Every tensor the config implies is there, floating point and of the right shape; no others."""
-    expected = expected_shapes(ckpt.args)
-    sd = ckpt.state_dict
+    expected = expected_shapes(src.args)
 
     def label(name: str) -> str:
-        theirs = source_name(name, ckpt.source)
+        theirs = source_name(name, src.source)
         return name if theirs == name else f"{theirs} ({name})"
 
     def some(names: list[str]) -> str:
         more = f" and {len(names) - 2} more" if len(names) > 2 else ""
         return ", ".join(map(label, names[:2])) + more
 
-    missing = [n for n in expected if n not in sd]
+    missing = [n for n in expected if n not in src.pieces]
     if missing:
-        raise CheckpointError(f"{ckpt.path} is missing tensor(s) {some(missing)}: "
+        raise CheckpointError(f"{src.path} is missing tensor(s) {some(missing)}: "
                               "the checkpoint is incomplete, download it again")
-    extra = [n for n in sd if n not in expected]
+    extra = [n for n in src.pieces if n not in expected]
     if extra:
-        raise CheckpointError(f"{ckpt.path} has tensor(s) {some(extra)} that its config "
-                              f"({_describe(ckpt.args)}) has no place for: config and weights disagree")
+        raise CheckpointError(f"{src.path} has tensor(s) {some(extra)} that its config "
+                              f"({_describe(src.args)}) has no place for: config and weights disagree")
     for name, shape in expected.items():
-        t = sd[name]
-        if tuple(t.shape) != shape:
-            raise CheckpointError(f"{ckpt.path}: {label(name)} has shape {list(t.shape)}, expected {list(shape)} "
-                                  f"from the config ({_describe(ckpt.args)}): config and weights disagree, "
+        if src.shape(name) != shape:
+            raise CheckpointError(f"{src.path}: {label(name)} has shape {list(src.shape(name))}, expected {list(shape)} "
+                                  f"from the config ({_describe(src.args)}): config and weights disagree, "
                                   "use the config that came with these weights")
-        if not t.is_floating_point():
-            raise CheckpointError(f"{ckpt.path}: {label(name)} has dtype {t.dtype}, expected a float type")
+        if not src.dtype(name).is_floating_point:
+            raise CheckpointError(f"{src.path}: {label(name)} has dtype {src.dtype(name)}, expected a float type")
+
+
+def open_checkpoint(path: str | Path) -> LazyCheckpoint:
+    """Open a Meta, Hugging Face or GGUF Llama checkpoint for reading a tensor at a time, validated.
+
+    Reads the headers only; a bad checkpoint fails here, before any tensor data is read.
+    """
+    name, found = detect(path)
+    fmt = FORMATS[name]
+    src = fmt.open(found)
+    validate(src)
+    ordered = {n: src.pieces[n] for n in expected_shapes(src.args)}
+    return dataclasses.replace(src, pieces=ordered, rope_to_meta=fmt.rope_to_meta)
 
 
 def load(path: str | Path) -> Checkpoint:
     """Load a Meta, Hugging Face or GGUF Llama checkpoint into Meta names and layout, validated."""
-    name, found = detect(path)
-    fmt = FORMATS[name]
-    ckpt = fmt.load(found)
-    validate(ckpt)
-    if fmt.rope_to_meta is not None:
-        for key, t in ckpt.state_dict.items():
-            heads = rope_heads(key, ckpt.args)
-            if heads is not None:
-                ckpt.state_dict[key] = fmt.rope_to_meta(t, heads)
-    return ckpt
+    with open_checkpoint(path) as src:
+        return Checkpoint(
+            args=src.args, state_dict={n: src.read(n) for n in src.names}, source=src.source, path=src.path,
+            tokenizer_files=src.tokenizer_files, gguf_vocab=src.gguf_vocab, chat_format=src.chat_format,
+        )

@@ -63,22 +63,30 @@ def _meta_ffn_params(args: ModelArgs) -> tuple[int, float | None]:
     return multiple_of, multiplier
 
 
+def meta_params(args: ModelArgs) -> dict[str, Any]:
+    """params.json of a Meta checkpoint."""
+    multiple_of, multiplier = _meta_ffn_params(args)
+    return {
+        "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
+        "multiple_of": multiple_of, "ffn_dim_multiplier": multiplier, "norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta, "vocab_size": -1,  # as in Meta's Llama 2 release
+    }
+
+
+def meta_rope_freqs(args: ModelArgs) -> torch.Tensor:
+    """The rotary frequencies Meta's files also carry ("rope.freqs"); loaders must ignore them."""
+    return 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim)
+
+
 def write_meta(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Path, n_shards: int = 1) -> Path:
     """params.json + consolidated.NN.pth, split into n_shards like Meta's model parallelism."""
     if args.tie_embeddings:
         raise ValueError("Meta's format has no tied embeddings")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    multiple_of, multiplier = _meta_ffn_params(args)
-    params = {
-        "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
-        "multiple_of": multiple_of, "ffn_dim_multiplier": multiplier, "norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta, "vocab_size": -1,  # as in Meta's Llama 2 release
-    }
-    (out / "params.json").write_text(json.dumps(params, indent=2))
+    (out / "params.json").write_text(json.dumps(meta_params(args), indent=2))
     weights = _weights(state_dict, args)
-    # Meta's files also carry the rotary frequencies; the loader must ignore them.
-    rope_freqs = 1.0 / args.rope_theta ** (torch.arange(0, args.head_dim, 2).float() / args.head_dim)
+    rope_freqs = meta_rope_freqs(args)
     for k in range(n_shards):
         shard = {}
         for name, t in weights.items():
@@ -107,7 +115,7 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict[str, Any]:
     }
 
 
-def _pack(sizes: dict[str, int], max_bytes: int | None) -> list[list[str]]:
+def pack_shards(sizes: dict[str, int], max_bytes: int | None) -> list[list[str]]:
     """Names grouped in order into shards of at most max_bytes (one tensor may exceed it alone)."""
     shards: list[list[str]] = [[]]
     used = 0
@@ -136,7 +144,7 @@ def write_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str 
     dtype = next(iter(hf.values())).dtype
     (out / "config.json").write_text(json.dumps(hf_config(args, dtype), indent=2))
     stem, ext = ("model", "safetensors") if safetensors else ("pytorch_model", "bin")
-    groups = _pack({k: v.numel() * v.element_size() for k, v in hf.items()}, max_shard_bytes)
+    groups = pack_shards({k: v.numel() * v.element_size() for k, v in hf.items()}, max_shard_bytes)
     files = [f"{stem}.{ext}"] if len(groups) == 1 else [f"{stem}-{k + 1:05d}-of-{len(groups):05d}.{ext}" for k in range(len(groups))]
     for file, names in zip(files, groups):
         part = {n: hf[n].clone() for n in names}

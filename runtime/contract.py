@@ -8,12 +8,30 @@ Portable graph (format version 1), the names Hugging Face Optimum and onnxruntim
     in  past_key_values.{i}.key/.value   model dtype [batch_size, n_kv_heads, past_sequence_length, head_dim]
     out logits                       float32 [batch_size, sequence_length, vocab_size]
     out present.{i}.key/.value       model dtype [batch_size, n_kv_heads, total_sequence_length, head_dim]
+
+Fused graph for ONNX Runtime ("ort"), onnxruntime-genai's GroupQueryAttention contract:
+
+    in  input_ids                    int64 [batch_size, sequence_length]  each row's tokens first (right padding)
+    in  attention_mask               int64 [batch_size, total_sequence_length]  row b: ones for its tokens so far
+                                     (cache + this step), then zeros; its width is the longest row, and equals
+                                     sequence_length exactly on the first step (how the graph knows the cache is empty)
+    in  past_key_values.{i}.key/.value   model dtype [batch_size, n_kv_heads, past_sequence_length, head_dim]
+    out logits                       float32 [batch_size, sequence_length, vocab_size]
+    out present.{i}.key/.value       model dtype [batch_size, n_kv_heads, total_sequence_length, head_dim]
+
+No position_ids: row b's positions continue from its length (sum of its mask - this step's tokens).
+The past may be a buffer of any capacity >= total_sequence_length, bound as the present output too
+(onnxruntime-genai's past_present_share_buffer): the step writes its keys and values in place at each
+row's length. With separate buffers the present is max(past capacity, total_sequence_length) long,
+the past copied into it (a growing cache, as in the portable graph).
 """
 
 from __future__ import annotations
 
 FORMAT_VERSION = 1
 GRAPH_PORTABLE = "portable"
+GRAPH_ORT = "ort"
+GRAPHS = (GRAPH_PORTABLE, GRAPH_ORT)
 
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 
@@ -33,8 +51,9 @@ def present_names(n_layers: int) -> list[str]:
     return [name % i for i in range(n_layers) for name in (PRESENT_KEY, PRESENT_VALUE)]
 
 
-def input_names(n_layers: int) -> list[str]:
-    return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *past_names(n_layers)]
+def input_names(n_layers: int, graph: str = GRAPH_PORTABLE) -> list[str]:
+    ids = [INPUT_IDS, ATTENTION_MASK] + ([POSITION_IDS] if graph == GRAPH_PORTABLE else [])
+    return [*ids, *past_names(n_layers)]
 
 
 def output_names(n_layers: int) -> list[str]:

@@ -50,7 +50,7 @@ class FolderConfig:
 
     def to_json(self) -> str:
         d = asdict(self)
-        d["io"] = {"inputs": contract.input_names(self.model.n_layers), "outputs": contract.output_names(self.model.n_layers)}
+        d["io"] = {"inputs": contract.input_names(self.model.n_layers, self.graph), "outputs": contract.output_names(self.model.n_layers)}
         return json.dumps(d, indent=2)
 
     @classmethod
@@ -66,7 +66,7 @@ class FolderConfig:
             cfg = cls(**d)
         except (KeyError, TypeError) as e:
             raise ConfigError(f"{folder / contract.CONFIG_FILE} is malformed ({e})") from None
-        if cfg.precision not in PRECISIONS or cfg.graph != contract.GRAPH_PORTABLE:
+        if cfg.precision not in PRECISIONS or cfg.graph not in contract.GRAPHS:
             raise ModelFolderError(f"{folder}: unsupported precision {cfg.precision!r} or graph kind {cfg.graph!r}")
         return cfg
 

@@ -169,9 +169,9 @@ class Generator:
 
         timings = Timings()
         start = time.perf_counter()
-        cache = self.model.new_cache(mask)
-        logits = self.model.step(ids, mask, cache)  # (B, V)
         budget = min(max_new_tokens, ctx - longest)
+        cache = self.model.new_cache(mask, capacity=longest + budget)
+        logits = self.model.step(ids, mask, cache)  # (B, V)
         for n in range(budget):
             history = [r.prompt + r.tokens for r in rows] if params.repetition_penalty != 1.0 else None
             chosen = sample(logits, params, rng, prev_tokens=history)  # (B,)

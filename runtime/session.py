@@ -4,6 +4,12 @@ With io_binding=True every present.{i}.key/value output is bound to the device a
 back as the next step's past input as the same OrtValue: the cache never travels to the
 host. Only logits come back to NumPy, and the caller gets the last position only.
 With io_binding=False the same steps run on plain NumPy feeds (the reference path).
+
+The fused graph (config graph "ort", GroupQueryAttention) keeps each layer's cache in one
+buffer of a fixed capacity [B, n_kv_heads, capacity, head_dim], bound as both the past input
+and the present output: each step writes its new keys and values in place, nothing is
+copied. Rows are right-aligned for it (each row's tokens from slot 0, its length counted
+by the attention mask); the caller still passes left-padded prompts.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ class KVCache:
 
     past: list  # OrtValue (io binding) or np.ndarray, 2 * n_layers of them
     attention_mask: np.ndarray  # int64 [B, length]; 0 marks left padding
-    next_pos: np.ndarray  # int64 [B]: position id of each row's next token
+    next_pos: np.ndarray  # int64 [B]: position id of each row's next token (= real tokens so far)
     length: int = 0
+    capacity: int = 0  # fused graph: slots in each shared buffer
 
     @property
     def batch(self) -> int:
@@ -48,6 +55,7 @@ class Model:
         a = self.config.model
         self._past_names = contract.past_names(a.n_layers)
         self._present_names = contract.present_names(a.n_layers)
+        self.fused = self.config.graph == contract.GRAPH_ORT
 
     @classmethod
     def from_dir(cls, path: str | Path, provider: str = "auto", threads: int | None = None,
@@ -77,13 +85,22 @@ class Model:
         return cls(folder=folder, config=config, session=session, provider=prov, io_binding=io_binding, device_id=device_id)
 
     # ---- cache ---------------------------------------------------------------
-    def new_cache(self, attention_mask: np.ndarray) -> KVCache:
-        """An empty cache for a batch whose prompt mask is attention_mask [B, S] (left padded)."""
+    def new_cache(self, attention_mask: np.ndarray, capacity: int | None = None) -> KVCache:
+        """An empty cache for a batch whose prompt mask is attention_mask [B, S] (left padded).
+
+        capacity (fused graph only): the tokens each row will hold at most, prompt included
+        (default: the model's context); the buffers grow if a step needs more."""
         a = self.config.model
         b = attention_mask.shape[0]
-        empty = np.zeros((b, a.n_kv_heads, 0, a.head_dim), self._kv_dtype)
-        past = [self._to_device(empty) for _ in self._past_names] if self.io_binding else [empty] * len(self._past_names)
-        return KVCache(past=past, attention_mask=np.zeros((b, 0), np.int64), next_pos=np.zeros(b, np.int64))
+        cap = min(capacity or a.max_seq_len, a.max_seq_len) if self.fused else 0
+        return KVCache(past=self._buffers(b, cap), attention_mask=np.zeros((b, 0), np.int64),
+                       next_pos=np.zeros(b, np.int64), capacity=cap)
+
+    def _buffers(self, batch: int, length: int) -> list:
+        a = self.config.model
+        shape = (batch, a.n_kv_heads, length, a.head_dim)
+        buffers = [np.zeros(shape, self._kv_dtype) for _ in self._past_names]
+        return [self._to_device(x) for x in buffers] if self.io_binding else buffers
 
     def _to_device(self, array: np.ndarray):
         return ort.OrtValue.ortvalue_from_numpy(array, self.provider.device, self.device_id)
@@ -95,6 +112,8 @@ class Model:
         Position ids count real tokens only, so a left-padded row gets the positions it
         would have alone; the cache is advanced in place.
         """
+        if self.fused:
+            return self._step_fused(input_ids, new_mask, cache)
         b, s = input_ids.shape
         mask = np.concatenate([cache.attention_mask, new_mask.astype(np.int64)], axis=1)  # (B, P+S)
         pos = cache.next_pos[:, None] + np.cumsum(new_mask, axis=1, dtype=np.int64) - 1  # (B, S)
@@ -125,3 +144,48 @@ class Model:
         self.session.run_with_iobinding(binding)
         logits, *cache.past = binding.get_outputs()
         return logits.numpy()
+
+    # ---- the fused graph: shared buffers, right-aligned rows ---------------------------------
+    def _step_fused(self, input_ids: np.ndarray, new_mask: np.ndarray, cache: KVCache) -> np.ndarray:
+        b, s = input_ids.shape
+        counts = new_mask.sum(axis=1).astype(np.int64)  # real tokens per row in this step
+        if cache.length and s > 1 and (counts != s).any():
+            raise ValueError("the fused graph takes padding only in the first step")
+        if (counts != s).any():  # left padding -> each row's tokens first
+            order = np.argsort(new_mask == 0, axis=1, kind="stable")
+            input_ids = np.take_along_axis(input_ids, order, axis=1)
+        lengths = cache.next_pos + counts  # tokens per row after this step
+        total = int(lengths.max()) if cache.length else s  # GroupQueryAttention: total == S marks the first prompt
+        if total > cache.capacity:
+            self._grow(cache, max(total, min(2 * cache.capacity, self.config.model.max_seq_len)))
+        mask = (np.arange(total)[None, :] < lengths[:, None]).astype(np.int64)
+        feeds = {contract.INPUT_IDS: np.ascontiguousarray(input_ids, np.int64), contract.ATTENTION_MASK: mask}
+        if self.io_binding:
+            binding = self.session.io_binding()
+            dev, dev_id = self.provider.device, self.device_id
+            for name, value in feeds.items():
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, dev, dev_id))
+            binding.bind_output(contract.LOGITS, "cpu")
+            for past, present, buf in zip(self._past_names, self._present_names, cache.past):
+                binding.bind_ortvalue_input(past, buf)
+                binding.bind_ortvalue_output(present, buf)  # one buffer: written in place
+            self.session.run_with_iobinding(binding)
+            logits = binding.get_outputs()[0].numpy()
+        else:
+            feeds.update(zip(self._past_names, cache.past))
+            logits, *cache.past = self.session.run(None, feeds)
+        cache.next_pos = lengths
+        cache.length += s
+        last = logits[np.arange(b), counts - 1]  # each row's last real token
+        return np.ascontiguousarray(last, dtype=np.float32)
+
+    def _grow(self, cache: KVCache, capacity: int) -> None:
+        if capacity > self.config.model.max_seq_len:
+            raise ValueError(f"{capacity} tokens exceed the model's context of {self.config.model.max_seq_len}")
+        bigger = []
+        for buf in cache.past:
+            old = buf.numpy() if self.io_binding else buf
+            new = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], self._kv_dtype)
+            new[:, :, : old.shape[2]] = old
+            bigger.append(self._to_device(new) if self.io_binding else new)
+        cache.past, cache.capacity = bigger, capacity

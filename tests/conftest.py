@@ -74,6 +74,26 @@ def tiny_onnx(tiny_hf_checkpoint, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_onnx_ort(tiny_hf_checkpoint, tmp_path_factory) -> Path:
+    """The same tiny model as the fused ONNX Runtime graph (GroupQueryAttention, shared KV buffer)."""
+    from llama2_onnx.export.api import export_model
+
+    out = tmp_path_factory.mktemp("tiny-onnx") / "ort-fp32"
+    export_model(checkpoint=tiny_hf_checkpoint, out=out, precision="fp32", graph="ort", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_traced(tiny_hf_checkpoint, tmp_path_factory) -> Path:
+    """The tiny model traced with torch.onnx (the reference for the assembled graph)."""
+    from llama2_onnx.export.api import export_model
+
+    out = tmp_path_factory.mktemp("tiny-onnx") / "traced-fp32"
+    export_model(checkpoint=tiny_hf_checkpoint, out=out, precision="fp32", trace_graph=True, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def smollm2_onnx(smollm2_gguf, tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct exported to fp32 once per test session."""
     from llama2_onnx.export.api import export_model

@@ -149,14 +149,15 @@ def test_int4_runs_and_stores_its_quality(tiny_hf_checkpoint, tmp_path):
 
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     ops = [n.op_type for n in graph.node]
-    assert ops.count("MatMulNBits") == 7 * 2  # every projection; the head stays float32
+    assert ops.count("MatMulNBits") == 7 * 2 + 1  # every projection and the head (8-bit)
     # a random tiny model has near-flat logits and no redundancy to spare, yet int4 keeps
     # its top token far above chance (1/32000) and its perplexity close to fp32
     assert v["top1_agreement"] > 0.3
     assert v["perplexity"] < 1.1 * v["reference_perplexity"]
     fp32 = (tiny_hf_checkpoint / "model.safetensors").stat().st_size
-    float32_parts = 2 * 32000 * 64 * 4  # embedding and head stay float32
-    assert (out / "model.onnx.data").stat().st_size < float32_parts + 0.3 * (fp32 - float32_parts)
+    embedding = 32000 * 64 * 4  # the embedding stays float32 (a Gather reads one row per token)
+    # two layers: both are the first or the last, kept at 8 bits (tests/test_streaming.py has the 4-bit recipe)
+    assert (out / "model.onnx.data").stat().st_size < embedding + 0.35 * (fp32 - embedding)
 
 
 def test_int4_bad_options(tiny_hf_checkpoint, tmp_path, capsys):

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from llama2_onnx.errors import UserError
@@ -12,9 +13,11 @@ from llama2_onnx.runtime import Generator, SamplingParams
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away, there lived", "Hi"]
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["io_binding", "numpy"])
-def gen(request, tiny_onnx):
-    return Generator.from_dir(tiny_onnx, provider="cpu", io_binding=request.param)
+@pytest.fixture(scope="module", params=[("portable", True), ("portable", False), ("ort", True), ("ort", False)],
+                ids=["io_binding", "numpy", "fused-io_binding", "fused-numpy"])
+def gen(request, tiny_onnx, tiny_onnx_ort):
+    graph, io_binding = request.param
+    return Generator.from_dir(tiny_onnx if graph == "portable" else tiny_onnx_ort, provider="cpu", io_binding=io_binding)
 
 
 def test_greedy_equals_pytorch(gen, tiny_torch_model):
@@ -26,11 +29,28 @@ def test_greedy_equals_pytorch(gen, tiny_torch_model):
         assert result.tokens == want[:cut]
 
 
-def test_io_binding_on_and_off_identical(tiny_onnx):
-    bound = Generator.from_dir(tiny_onnx, io_binding=True)
-    plain = Generator.from_dir(tiny_onnx, io_binding=False)
+@pytest.mark.parametrize("graph", ["portable", "ort"])
+def test_io_binding_on_and_off_identical(graph, tiny_onnx, tiny_onnx_ort):
+    folder = tiny_onnx if graph == "portable" else tiny_onnx_ort
+    bound = Generator.from_dir(folder, io_binding=True)
+    plain = Generator.from_dir(folder, io_binding=False)
     kw = dict(max_new_tokens=24, temperature=0.8, top_p=0.9, seed=7)
     assert bound.generate(PROMPTS[1], **kw).tokens == plain.generate(PROMPTS[1], **kw).tokens
+
+
+def test_fused_cache_grows_past_its_capacity(tiny_onnx_ort, tiny_torch_model):
+    """A step beyond the shared buffer's capacity moves the cache to a larger one, tokens unchanged."""
+    from llama2_onnx.runtime.session import Model
+
+    model = Model.from_dir(tiny_onnx_ort)
+    ids = np.array([Generator.from_dir(tiny_onnx_ort).encode_prompt(PROMPTS[1])])
+    cache = model.new_cache(np.ones_like(ids), capacity=ids.shape[1] + 2)
+    logits, got = model.step(ids, np.ones_like(ids), cache), []
+    for _ in range(12):
+        got.append(int(logits[0].argmax()))
+        logits = model.step(np.array([[got[-1]]]), np.ones((1, 1), np.int64), cache)
+    assert cache.capacity > ids.shape[1] + 2
+    assert got == greedy(tiny_torch_model, ids[0].tolist(), 12)
 
 
 def test_batch_equals_single_runs(gen):

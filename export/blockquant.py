@@ -25,11 +25,11 @@ def _pack4(q: np.ndarray) -> np.ndarray:
     return (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
 
 
-def quantize(w_kn: np.ndarray, bits: int, block_size: int, search: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """[K, N] float -> (packed, scales float32 [N, K/bs], zero points) for MatMulNBits."""
-    k, n = w_kn.shape
+def quantize(w_nk: np.ndarray, bits: int, block_size: int, search: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A Linear weight [N (out), K (in)] -> (packed, scales float32 [N, K/bs], zero points) for MatMulNBits."""
+    n, k = w_nk.shape
     pad = -k % block_size
-    w = np.ascontiguousarray(w_kn.T, np.float32)  # [N, K]
+    w = np.asarray(w_nk, np.float32)
     if pad:
         w = np.pad(w, ((0, 0), (0, pad)))
     blocks = w.reshape(n, -1, block_size)  # [N, B, bs]

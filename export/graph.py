@@ -80,22 +80,22 @@ class DecoderGraph:
     def _array(self, name: str) -> np.ndarray:
         return self.read(name).to(torch.float16 if self.dtype == np.float16 else torch.float32).numpy()
 
-    def _weights_kn(self, names: Iterable[str]) -> np.ndarray:
-        """Linear weights [out, in] of names, stacked along out, as one [in, out] matrix."""
+    def _stacked(self, names: Iterable[str]) -> torch.Tensor:
+        """Linear weights [out, in] of names, stacked along out, in the dtype the graph stores or quantizes."""
         parts = [self.read(n) for n in names]
         w = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         del parts
-        return w.to(torch.float16 if self.dtype == np.float16 and not self.quant else torch.float32).T.numpy()
+        return w.to(torch.float16 if self.dtype == np.float16 and not self.quant else torch.float32)
 
     def linear(self, x: str, names: list[str], label: str, *, bits: int | None = None) -> str:
         """x @ W.T for the (stacked) weights of names: MatMul, or MatMulNBits when quantizing."""
-        w_kn = self._weights_kn(names)
-        k, n = w_kn.shape
-        if self.quant is None:
-            return self.w.node("MatMul", [x, self.w.weight(label, np.ascontiguousarray(w_kn, self.dtype))])
+        w = self._stacked(names)
+        n, k = w.shape
+        if self.quant is None:  # MatMul's B is [in, out]: torch transposes faster than NumPy
+            return self.w.node("MatMul", [x, self.w.weight(label, w.t().contiguous().numpy())])
         bits = bits or self.quant.bits_for(label)
-        packed, scales, zp = blockquant.quantize(w_kn, bits, self.quant.block_size, search=self.quant.search)
-        del w_kn
+        packed, scales, zp = blockquant.quantize(w.numpy(), bits, self.quant.block_size, search=self.quant.search)
+        del w
         inputs = [x, self.w.weight(f"{label}.q{bits}", packed), self.w.weight(f"{label}.scales", scales.astype(self.dtype)),
                   self.w.weight(f"{label}.zero_points", zp)]
         return self.w.node("MatMulNBits", inputs, domain="com.microsoft", K=k, N=n, bits=bits,

@@ -34,6 +34,8 @@ class KVCache:
     next_pos: np.ndarray  # int64 [B]: position id of each row's next token (= real tokens so far)
     length: int = 0
     capacity: int = 0  # fused graph: slots in each shared buffer
+    binding: object = None  # fused graph with io binding: one IOBinding kept across steps
+    step_logits: tuple | None = None  # (np.ndarray [B, 1, V], its OrtValue): where one-token steps write
 
     @property
     def batch(self) -> int:
@@ -161,16 +163,7 @@ class Model:
         mask = (np.arange(total)[None, :] < lengths[:, None]).astype(np.int64)
         feeds = {contract.INPUT_IDS: np.ascontiguousarray(input_ids, np.int64), contract.ATTENTION_MASK: mask}
         if self.io_binding:
-            binding = self.session.io_binding()
-            dev, dev_id = self.provider.device, self.device_id
-            for name, value in feeds.items():
-                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, dev, dev_id))
-            binding.bind_output(contract.LOGITS, "cpu")
-            for past, present, buf in zip(self._past_names, self._present_names, cache.past):
-                binding.bind_ortvalue_input(past, buf)
-                binding.bind_ortvalue_output(present, buf)  # one buffer: written in place
-            self.session.run_with_iobinding(binding)
-            logits = binding.get_outputs()[0].numpy()
+            logits = self._run_fused_bound(feeds, cache, s)
         else:
             feeds.update(zip(self._past_names, cache.past))
             logits, *cache.past = self.session.run(None, feeds)
@@ -178,6 +171,30 @@ class Model:
         cache.length += s
         last = logits[np.arange(b), counts - 1]  # each row's last real token
         return np.ascontiguousarray(last, dtype=np.float32)
+
+    def _run_fused_bound(self, feeds: dict, cache: KVCache, s: int) -> np.ndarray:
+        """One run on the cache's own IOBinding: the KV buffers are bound once (as past input and
+        present output alike); each step rebinds only its ids, its mask and the logits."""
+        binding = cache.binding
+        if binding is None:
+            binding = cache.binding = self.session.io_binding()
+            binding.bind_output(contract.LOGITS, "cpu")  # first: get_outputs()[0] below
+            for past, present, buf in zip(self._past_names, self._present_names, cache.past):
+                binding.bind_ortvalue_input(past, buf)
+                binding.bind_ortvalue_output(present, buf)  # one buffer: written in place
+        dev, dev_id = self.provider.device, self.device_id
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, dev, dev_id))
+        if s == 1:  # decode: logits land in a host array the cache keeps, no output objects per step
+            if cache.step_logits is None:
+                host = np.empty((cache.batch, 1, self.config.model.vocab_size), np.float32)
+                cache.step_logits = (host, ort.OrtValue.ortvalue_from_numpy(host))
+            binding.bind_ortvalue_output(contract.LOGITS, cache.step_logits[1])
+            self.session.run_with_iobinding(binding)
+            return cache.step_logits[0]
+        binding.bind_output(contract.LOGITS, "cpu")
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
 
     def _grow(self, cache: KVCache, capacity: int) -> None:
         if capacity > self.config.model.max_seq_len:
@@ -188,4 +205,4 @@ class Model:
             new = np.zeros(old.shape[:2] + (capacity,) + old.shape[3:], self._kv_dtype)
             new[:, :, : old.shape[2]] = old
             bigger.append(self._to_device(new) if self.io_binding else new)
-        cache.past, cache.capacity = bigger, capacity
+        cache.past, cache.capacity, cache.binding = bigger, capacity, None

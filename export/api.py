@@ -136,6 +136,7 @@ def export_model(
             args.max_seq_len = max_seq_len
 
         with out_folder.staging(out, overwrite) as tmp:
+            data_sha = None  # hashed by the manifest, unless the assembler hashed it while writing
             if trace_graph:
                 with stages.stage("trace"):
                     model = build_model(ckpt.Checkpoint(args=args, state_dict={n: source.read(n) for n in source.names},
@@ -145,7 +146,7 @@ def export_model(
             else:
                 quant = int4.quant(args.n_layers) if int4 and not hqq else None
                 with stages.stage("write", total=args.n_layers) as step:
-                    write_graph(args, source.read, tmp, graph=graph, precision="fp32" if hqq else precision,
+                    data_sha = write_graph(args, source.read, tmp, graph=graph, precision="fp32" if hqq else precision,
                                 quant=quant, opset=opset, on_layer=lambda i: step())
             if hqq:
                 with stages.stage("quantize"):
@@ -169,7 +170,7 @@ def export_model(
                     else:
                         cfg.verify = verify_layers(source, cfg, on_layer=lambda i: step())
                 (tmp / contract.CONFIG_FILE).write_text(cfg.to_json())
-            out_folder.finish(tmp)
+            out_folder.finish(tmp, {contract.DATA_FILE: data_sha} if data_sha and not hqq else None)
     return ExportResult(out=out, config=cfg, seconds=stages.seconds)
 
 

@@ -114,7 +114,7 @@ def write_configs(folder: Path, cfg: FolderConfig, special: dict[str, str]) -> N
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(cfg, special), indent=2))
 
 
-def finish(folder: Path) -> None:
+def finish(folder: Path, known: dict[str, str] | None = None) -> None:
     """Give the files the usual permissions (mkdtemp and some writers use 0600), then the
     manifest, last: a folder with a manifest is complete."""
     umask = os.umask(0)
@@ -122,5 +122,5 @@ def finish(folder: Path) -> None:
     folder.chmod(0o777 & ~umask)
     for path in folder.iterdir():
         path.chmod(0o666 & ~umask)
-    write_manifest(folder)
+    write_manifest(folder, known)
     (folder / contract.MANIFEST_FILE).chmod(0o666 & ~umask)

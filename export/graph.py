@@ -91,8 +91,9 @@ class DecoderGraph:
         """x @ W.T for the (stacked) weights of names: MatMul, or MatMulNBits when quantizing."""
         w = self._stacked(names)
         n, k = w.shape
-        if self.quant is None:  # MatMul's B is [in, out]: torch transposes faster than NumPy
-            return self.w.node("MatMul", [x, self.w.weight(label, w.t().contiguous().numpy())])
+        if self.quant is None:  # MatMul's B is [in, out], transposed on the writer's thread
+            b = self.w.weight(label, lambda w=w: w.t().contiguous().numpy(), self.dtype, (k, n))
+            return self.w.node("MatMul", [x, b])
         bits = bits or self.quant.bits_for(label)
         packed, scales, zp = blockquant.quantize(w.numpy(), bits, self.quant.block_size, search=self.quant.search)
         del w
@@ -277,13 +278,13 @@ def _dims(kv: list, length: str) -> list:
 
 def write_graph(args: ModelArgs, read: Read, out_dir: Path, *, graph: str = contract.GRAPH_PORTABLE,
                 precision: str = "fp32", quant: Quant | None = None, opset: int = 23,
-                on_layer: Callable[[int], None] | None = None, whole: bool = True) -> Path:
-    """Write out_dir/model.onnx and model.onnx.data for the checkpoint behind read; returns the graph path."""
-    path = out_dir / contract.MODEL_FILE
+                on_layer: Callable[[int], None] | None = None, whole: bool = True) -> str:
+    """Write out_dir/model.onnx and model.onnx.data for the checkpoint behind read; returns the
+    data file's sha256 (hashed while written)."""
     with GraphWriter(out_dir / contract.DATA_FILE) as writer:
         builder = DecoderGraph(args, read, writer, graph=graph, precision=precision, quant=quant, opset=opset, whole=whole)
         if on_layer is not None:
             builder.on_layer = on_layer
         model = builder.build()
-    onnx.save_model(model, str(path))
-    return path
+    onnx.save_model(model, str(out_dir / contract.MODEL_FILE))
+    return writer.data_sha256

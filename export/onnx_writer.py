@@ -7,8 +7,10 @@ assembled with the memory of its largest tensor.
 
 from __future__ import annotations
 
+import hashlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -24,6 +26,11 @@ DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorP
 
 
 class GraphWriter:
+    """Weights go to the data file on a second thread: while it lays out (a transpose, say),
+    writes and hashes weight i, the caller reads weight i + 1 from the checkpoint. One weight is
+    in flight at a time, so memory stays a few tensors. The file is hashed (sha256) as it is
+    written, so the manifest need not read it again: `data_sha256` after close()."""
+
     def __init__(self, data_path: Path):
         self.data_path = data_path
         self._data = open(data_path, "wb")
@@ -31,9 +38,24 @@ class GraphWriter:
         self.initializers: list[TensorProto] = []
         self._consts: dict[tuple, str] = {}
         self._count = 0
+        self._offset = 0
+        self._sha = hashlib.sha256()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="weights")
+        self._pending: Future | None = None
+        self.data_sha256: str | None = None
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # raises the worker's error here
 
     def close(self) -> None:
-        self._data.close()
+        try:
+            self._wait()
+        finally:
+            self._worker.shutdown()
+            self._data.close()
+        self.data_sha256 = self._sha.hexdigest()
 
     def __enter__(self) -> "GraphWriter":
         return self
@@ -45,22 +67,37 @@ class GraphWriter:
         self._count += 1
         return f"{hint}_{self._count}"
 
-    def weight(self, name: str, array: np.ndarray) -> str:
-        """Append array to the data file as initializer `name`; returns name."""
-        array = np.ascontiguousarray(array)
-        if array.nbytes < INLINE_MAX:
-            self.initializers.append(numpy_helper.from_array(array, name))
+    def weight(self, name: str, array: np.ndarray | Callable[[], np.ndarray], dtype=None, shape=None) -> str:
+        """Append a weight to the data file as initializer `name`; returns name.
+
+        array is the data, or a function making it (run on the writer's thread) with its
+        dtype and shape given here."""
+        if not callable(array):
+            array = np.ascontiguousarray(array)
+            dtype, shape = array.dtype, array.shape
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if nbytes < INLINE_MAX:
+            self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array() if callable(array) else array), name))
             return name
-        align = ALIGN_LARGE if array.nbytes >= LARGE else ALIGN_SMALL
-        offset = self._data.tell()
-        pad = -offset % align
-        if pad:
-            self._data.write(b"\0" * pad)
-            offset += pad
-        self._data.write(memoryview(array.reshape(-1).view(np.uint8)))
-        t = TensorProto(name=name, data_type=DTYPES[array.dtype], dims=array.shape)
+        align = ALIGN_LARGE if nbytes >= LARGE else ALIGN_SMALL
+        pad = -self._offset % align
+        offset = self._offset + pad
+        self._offset = offset + nbytes
+
+        def write() -> None:
+            data = np.ascontiguousarray(array() if callable(array) else array)
+            if data.nbytes != nbytes or data.dtype != dtype:
+                raise ValueError(f"{name}: made {data.dtype}{list(data.shape)}, declared {dtype}{list(shape)}")
+            for chunk in (b"\0" * pad, memoryview(data.reshape(-1).view(np.uint8))):
+                self._data.write(chunk)
+                self._sha.update(chunk)
+
+        self._wait()
+        self._pending = self._worker.submit(write)
+        t = TensorProto(name=name, data_type=DTYPES[dtype], dims=list(shape))
         t.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(array.nbytes))):
+        for key, value in (("location", self.data_path.name), ("offset", str(offset)), ("length", str(nbytes))):
             entry = t.external_data.add()
             entry.key, entry.value = key, value
         self.initializers.append(t)

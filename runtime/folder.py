@@ -71,10 +71,12 @@ class FolderConfig:
         return cfg
 
 
-def write_manifest(folder: Path) -> dict[str, Any]:
-    """Record size and sha256 of every file in folder (manifest.json itself excepted)."""
+def write_manifest(folder: Path, known: dict[str, str] | None = None) -> dict[str, Any]:
+    """Record size and sha256 of every file in folder (manifest.json itself excepted); known:
+    sha256 already computed by the writer of a file, by name."""
+    known = known or {}
     files = {
-        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        p.name: {"size": p.stat().st_size, "sha256": known.get(p.name) or sha256_file(p)}
         for p in sorted(folder.iterdir()) if p.is_file() and p.name != contract.MANIFEST_FILE
     }
     manifest = {"files": files}

@@ -1,7 +1,7 @@
 """Export time and peak memory against the time to copy the checkpoint's bytes.
 
     python -m llama2_onnx.benchmarks.export_bench CHECKPOINT [--precision fp16] [--graph portable]
-                                                   [--verify] [--json FILE] [--keep OUT]
+                                                   [--verify] [--trace] [--no-copy] [--json FILE] [--keep OUT]
 
 The export runs in a child process and its peak resident memory is that process's own
 high-water mark (VmHWM, which counts touched pages of memory-mapped files too).
@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "int4"])
     p.add_argument("--graph", default="portable", choices=["portable", "ort"])
     p.add_argument("--verify", action="store_true", help="include the export's own check (default: --no-verify)")
+    p.add_argument("--trace", action="store_true", help="export with --trace (torch.onnx, the whole model in memory)")
     p.add_argument("--no-copy", action="store_true", help="skip the copy-time reference")
     p.add_argument("--json", type=Path, default=None, help="append the result as one JSON line")
     p.add_argument("--keep", type=Path, default=None, help="write the model folder here and keep it")
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     size = folder_bytes(a.checkpoint)
     result = {"checkpoint": str(a.checkpoint), "checkpoint_bytes": size, "precision": a.precision, "graph": a.graph,
-              "verify": a.verify}
+              "verify": a.verify, "trace": a.trace}
     scratch = Path(tempfile.mkdtemp(prefix=".export-bench-", dir=(a.keep or a.checkpoint).resolve().parent))
     try:
         if not a.no_copy:
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         drop_caches()
         out = a.keep or scratch / "model"
         cmd = [sys.executable, "-c", _EXPORT, "export", str(a.checkpoint), str(out), "--precision", a.precision,
-               "--graph", a.graph, "--quiet", "--json", "--overwrite", *([] if a.verify else ["--no-verify"])]
+               "--graph", a.graph, "--quiet", "--json", "--overwrite", *([] if a.verify else ["--no-verify"]), *(["--trace"] if a.trace else [])]
         seconds, done = _child(cmd)
         lines = done.stderr.strip().splitlines()
         if done.returncode:

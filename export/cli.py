@@ -25,6 +25,9 @@ def add_arguments(p) -> None:
     p.add_argument("--int4-algorithm", choices=["rtn", "mse", "hqq"], default="rtn",
                    help="int4: rtn rounds to nearest (default); mse searches each block's scale for the least "
                         "error (slower export); hqq fits float zero points (best quality, slow on ONNX Runtime CPU)")
+    p.add_argument("--int4-recipe", choices=["quality", "speed"], default="quality",
+                   help="int4: quality (default) keeps the output head, every feed_forward.w2 and the first and "
+                        "last layers at 8 bits; speed makes them 4-bit too (faster, perplexity further from fp32)")
     p.add_argument("--max-seq-len", type=int, default=None, help="context length to record (default: the checkpoint's)")
     p.add_argument("--opset", type=int, default=23, help="ONNX opset, 18-23 (default 23)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.model or tokenizer.json to use when none is beside the weights")
@@ -45,7 +48,7 @@ def run(args) -> int:
         trace_graph=args.trace, max_seq_len=args.max_seq_len,
         opset=args.opset, overwrite=args.overwrite, verify_export=not args.no_verify,
         tokenizer=args.tokenizer, chat_format=args.chat_format, progress=not args.quiet,
-        int4=Int4Options(args.block_size, args.accuracy_level, args.int4_algorithm) if args.precision == "int4" else None,
+        int4=Int4Options(args.block_size, args.accuracy_level, args.int4_algorithm, args.int4_recipe) if args.precision == "int4" else None,
     )
     v = result.config.verify
     if args.json:

@@ -72,6 +72,7 @@ class DecoderGraph:
             raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
         self.a, self.read, self.w = args, read, writer
         self.graph, self.precision, self.opset, self.whole = graph, precision, opset, whole
+        self._embedding_table: str | None = None  # initializer name, once written
         self.quant = quant if precision == "int4" else None
         self.dtype = np.dtype(NP_DTYPES[precision])
         self.onnx_dtype = onnx.helper.np_dtype_to_tensor_dtype(self.dtype)
@@ -125,13 +126,16 @@ class DecoderGraph:
         return self.linear(act, [f"{p}.w2.weight"], f"{p}.w2")
 
     def head(self, x: str) -> str:
-        name = "tok_embeddings.weight" if self.a.tie_embeddings else "output.weight"
-        bits = self.quant.head_bits if self.quant else None
-        logits = self.linear(x, [name], "output", bits=bits)
+        if self.a.tie_embeddings and self.quant is None:  # the embedding's table once; ONNX Runtime folds the Transpose at load
+            logits = self.w.node("MatMul", [x, self.w.node("Transpose", [self._embedding_table], perm=[1, 0])])
+        else:
+            name = "tok_embeddings.weight" if self.a.tie_embeddings else "output.weight"
+            logits = self.linear(x, [name], "output", bits=self.quant.head_bits if self.quant else None)
         return self._cast(logits, F32) if self.onnx_dtype != F32 else logits
 
     def embedding(self, ids: str) -> str:
-        return self.w.node("Gather", [self.w.weight("tok_embeddings", self._array("tok_embeddings.weight")), ids])
+        self._embedding_table = self.w.weight("tok_embeddings", self._array("tok_embeddings.weight"))
+        return self.w.node("Gather", [self._embedding_table, ids])
 
     # ---- portable: the traced graph's ops ---------------------------------------------
     def _rotary_tables(self, position_ids: str) -> tuple[str, str]:

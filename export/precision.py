@@ -36,6 +36,7 @@ from llama2_onnx.runtime import contract
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 ALGORITHMS = ("hqq", "mse", "rtn")
+RECIPES = ("quality", "speed")
 
 
 @dataclass(frozen=True)
@@ -43,25 +44,32 @@ class Int4Options:
     block_size: int = 32  # weights per scale
     accuracy_level: int = 4  # 4: int8 activations, the VNNI/AMX path on x86 CPUs
     algorithm: str = "rtn"  # rtn (round to nearest, asymmetric), mse (searched scales) or hqq (float zero points)
+    # quality: 8 bits for the head, every w2 and the first and last layers; speed: 4 bits everywhere
+    recipe: str = "quality"
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise UserError(f"--int4-algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
         if self.block_size not in BLOCK_SIZES:
             raise UserError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, got {self.block_size}")
+        if self.recipe not in RECIPES:
+            raise UserError(f"--int4-recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise UserError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
 
     def to_dict(self) -> dict:
         return {"bits": 4, "block_size": self.block_size, "accuracy_level": self.accuracy_level,
-                "algorithm": self.algorithm, "op": "MatMulNBits", "head": "float32", "embedding": "float32"}
+                "algorithm": self.algorithm, "recipe": self.recipe, "op": "MatMulNBits", "head": "float32",
+                "embedding": "float32"}
 
     def quant(self, n_layers: int):
         """The assembled graph's recipe (export/graph.py Quant): not for hqq, which rewrites a float32 graph."""
         from .graph import Quant
 
-        return Quant(block_size=self.block_size, accuracy_level=self.accuracy_level, search=self.algorithm == "mse",
-                     wide_layers=(0, n_layers - 1))
+        common = dict(block_size=self.block_size, accuracy_level=self.accuracy_level, search=self.algorithm == "mse")
+        if self.recipe == "speed":
+            return Quant(**common, head_bits=4, wide_weights=())
+        return Quant(**common, wide_layers=(0, n_layers - 1))
 
 
 def quantize_int4(folder: Path, options: Int4Options) -> int:

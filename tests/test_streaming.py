@@ -239,3 +239,15 @@ def test_export_memory_does_not_grow_with_layers(precision, tmp_path):
         peaks[n] = int(run.stdout.split()[-1]) * 1024
     assert (tmp_path / "out12" / contract.DATA_FILE).stat().st_size > 5 * layer_bytes / 4 * (1 if precision == "fp16" else 0.25)
     assert peaks[12] - peaks[2] < 2 * layer_bytes, peaks
+
+
+def test_int4_speed_recipe_is_4_bits_everywhere(tiny_hf_checkpoint, tmp_path):
+    from llama2_onnx.export.precision import Int4Options
+
+    out = tmp_path / "int4-speed"
+    result = api.export_model(checkpoint=tiny_hf_checkpoint, out=out, precision="int4", graph="ort",
+                              int4=Int4Options(recipe="speed"), verify_export=False, progress=False)
+    assert result.config.quantization["recipe"] == "speed" and result.config.quantization["head"] == "4-bit MatMulNBits"
+    proto = onnx.load(str(out / contract.MODEL_FILE), load_external_data=False)
+    bits = [next(a.i for a in n.attribute if a.name == "bits") for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert bits == [4] * (2 * 5 + 1)

@@ -158,11 +158,12 @@ def llama_vocab_gguf() -> Path:
     return fetch(LLAMA_VOCAB.name)
 
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct-fp32"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct-ort-fp32"
 
 
 def default_model_dir(progress: bool = True) -> Path:
-    """The default model's folder: SmolLM2-135M-Instruct exported to fp32 in the cache folder.
+    """The default model's folder: SmolLM2-135M-Instruct exported to fp32 as the fused ONNX Runtime
+    graph (the fastest here; BENCHMARKS.md) in the cache folder.
 
     Exported on first use (this needs the `export` extra: torch); reused after.
     """
@@ -176,5 +177,5 @@ def default_model_dir(progress: bool = True) -> Path:
                          "install llama2-onnx[export] or pass a model folder") from None
     gguf = smollm2_gguf()
     print(f"exporting the default model {DEFAULT_MODEL_NAME} to {out} (first use only) ...", file=sys.stderr)
-    export_model(checkpoint=gguf, out=out, precision="fp32", overwrite=True, progress=progress)
+    export_model(checkpoint=gguf, out=out, precision="fp32", graph="ort", overwrite=True, progress=progress)
     return out

@@ -2,8 +2,8 @@
 
 No tracing: the graph is written node by node (export/onnx_writer.py) and each weight is
 read from `read(name)` (Meta names and layout, one tensor at a time), converted to the
-target precision and appended to model.onnx.data before the next is read. Memory is that
-of one tensor, whatever the number of layers.
+target precision and appended to model.onnx.data (on the writer's thread, while the next is
+read). Memory is that of a few tensors, whatever the number of layers.
 
 Two graph kinds, the I/O contracts in runtime/contract.py:
 
@@ -13,9 +13,10 @@ Two graph kinds, the I/O contracts in runtime/contract.py:
               GroupQueryAttention (rotary inside, past and present may share one buffer),
               SkipSimplifiedLayerNormalization (residual add + RMSNorm), MatMulNBits for int4
 
-Weights: fp32 or fp16 MatMul weights stored transposed ([in, out]); int4 as MatMulNBits
-(round to nearest, asymmetric, per block of the input dimension) with the output head in
-8 bits (int4 hurt greedy agreement; fp32 cost most of the int4 speed-up on small models).
+Weights: fp32 or fp16 MatMul weights stored transposed ([in, out]); a tied head is the
+embedding's table itself behind a Transpose (ONNX Runtime folds it at load). int4 is
+MatMulNBits (export/blockquant.py) with the recipe in `Quant`: 4 bits, and 8 for the head and
+the groups where 4 cost SmolLM2 the most perplexity (BENCHMARKS.md has the table).
 """
 
 from __future__ import annotations

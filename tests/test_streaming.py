@@ -251,3 +251,11 @@ def test_int4_speed_recipe_is_4_bits_everywhere(tiny_hf_checkpoint, tmp_path):
     proto = onnx.load(str(out / contract.MODEL_FILE), load_external_data=False)
     bits = [next(a.i for a in n.attribute if a.name == "bits") for n in proto.graph.node if n.op_type == "MatMulNBits"]
     assert bits == [4] * (2 * 5 + 1)
+
+
+def test_fused_graph_without_grouped_query_attention(tmp_path):
+    """Llama 2 7B/13B have as many KV heads as query heads: GroupQueryAttention with kv_num_heads == num_heads."""
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=1000, ffn_hidden_dim=96, max_seq_len=128)
+    ckpt = writers.write_hf(writers.random_state_dict(args, seed=1), args, tmp_path / "mha")
+    result = api.export_model(checkpoint=ckpt, out=tmp_path / "o", graph="ort", progress=False)
+    assert result.config.verify["max_abs_logit_diff"] < 1e-4 and result.config.verify["greedy_agreement"] == 32

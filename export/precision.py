@@ -72,6 +72,15 @@ class Int4Options:
         return Quant(**common, wide_layers=(0, n_layers - 1))
 
 
+def _head_matmul(graph: onnx.GraphProto) -> str:
+    """The name of the MatMul that makes the logits (through any Identity or Cast after it)."""
+    producer = {out: n for n in graph.node for out in n.output}
+    node = producer[contract.LOGITS]
+    while node.op_type in ("Identity", "Cast"):
+        node = producer[node.input[0]]
+    return node.name
+
+
 def quantize_int4(folder: Path, options: Int4Options) -> int:
     """Rewrite folder/model.onnx (+ data) in place with int4 weights; returns MatMuls quantized."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mq
@@ -81,7 +90,7 @@ def quantize_int4(folder: Path, options: Int4Options) -> int:
     path, data = folder / contract.MODEL_FILE, folder / contract.DATA_FILE
     model = onnx.load_model(str(path), load_external_data=True)
     algo = mq.HQQWeightOnlyQuantConfig(block_size=options.block_size, bits=4) if options.algorithm == "hqq" else None
-    head = [n.name for n in model.graph.node if contract.LOGITS in n.output]  # the output head's MatMul
+    head = [_head_matmul(model.graph)]
     quantizer = mq.MatMulNBitsQuantizer(model, bits=4, block_size=options.block_size, nodes_to_exclude=head,
                                         is_symmetric=False,
                                         accuracy_level=options.accuracy_level, algo_config=algo)

@@ -259,3 +259,15 @@ def test_fused_graph_without_grouped_query_attention(tmp_path):
     ckpt = writers.write_hf(writers.random_state_dict(args, seed=1), args, tmp_path / "mha")
     result = api.export_model(checkpoint=ckpt, out=tmp_path / "o", graph="ort", progress=False)
     assert result.config.verify["max_abs_logit_diff"] < 1e-4 and result.config.verify["greedy_agreement"] == 32
+
+
+def test_hqq_rewrites_the_assembled_graph_and_the_manifest_holds(tiny_hf_checkpoint, tmp_path):
+    from llama2_onnx.export.precision import Int4Options
+    from llama2_onnx.runtime.folder import check_manifest
+
+    out = tmp_path / "hqq"
+    api.export_model(checkpoint=tiny_hf_checkpoint, out=out, precision="int4", graph="ort",
+                     int4=Int4Options(algorithm="hqq"), verify_export=False, progress=False)
+    check_manifest(out, hashes=True)  # the data file was rewritten after assembly: hashed afresh
+    proto = onnx.load(str(out / contract.MODEL_FILE), load_external_data=False)
+    assert sum(n.op_type == "MatMulNBits" for n in proto.graph.node) == 2 * 5  # the head stays float32 with hqq

@@ -229,3 +229,18 @@ def test_noise_meter_sees_other_work():
     child.wait()
     # a shared machine may be busy anyway, so only the lower bound is checked
     assert busy >= 0.3 / (os.cpu_count() or 1)
+
+
+def test_export_bench_reports_time_memory_and_copy(tiny_hf_checkpoint, tmp_path, capsys):
+    import json as _json
+
+    from llama2_onnx.benchmarks import export_bench
+
+    out = tmp_path / "rows.jsonl"
+    assert export_bench.main([str(tiny_hf_checkpoint), "--precision", "fp32", "--json", str(out)]) == 0
+    row = _json.loads(out.read_text())
+    assert row["export_seconds"] > 0 and row["copy_seconds"] >= 0 and row["peak_rss_bytes"] > 50e6
+    assert row["onnx_bytes"] > 0 and "write" in row["stages"]
+    assert not any(p.name.startswith(".export-bench-") for p in tiny_hf_checkpoint.parent.iterdir())  # scratch removed
+    assert export_bench.main([str(tmp_path / "missing")]) == 2
+    assert "make_checkpoint" in capsys.readouterr().err

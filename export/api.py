@@ -180,6 +180,6 @@ def _quantization(int4: Int4Options | None, n_layers: int) -> dict:
     d = int4.to_dict()
     if int4.algorithm != "hqq":
         q = int4.quant(n_layers)
-        d.update(head=f"{q.head_bits}-bit MatMulNBits", wide_bits=q.wide_bits, wide_weights=list(q.wide_weights),
-                 wide_layers=list(q.wide_layers))
+        d.update(head=f"{q.head_bits}-bit MatMulNBits", wide_bits=q.wide_bits, wide_block_size=q.wide_block_size,
+                 wide_weights=list(q.wide_weights), wide_layers=list(q.wide_layers))
     return d

@@ -53,6 +53,7 @@ class Quant:
     search: bool = False  # search each block's scale for the least error (export/blockquant.py)
     # 8 bits where 4 cost the most quality (llama.cpp's Q4_K_M keeps w2 and wv wider for the same reason)
     wide_bits: int = 8
+    wide_block_size: int = 64  # blocks of the 8-bit weights: fewer scales to apply than 32, as precise (BENCHMARKS.md)
     wide_weights: tuple[str, ...] = ("feed_forward.w2",)
     wide_layers: tuple[int, ...] = ()  # every weight of these layers (export: the first and the last)
 
@@ -97,12 +98,13 @@ class DecoderGraph:
             b = self.w.weight(label, lambda w=w: w.t().contiguous().numpy(), self.dtype, (k, n))
             return self.w.node("MatMul", [x, b])
         bits = bits or self.quant.bits_for(label)
-        packed, scales, zp = blockquant.quantize(w.numpy(), bits, self.quant.block_size, search=self.quant.search)
+        block = self.quant.wide_block_size if bits == 8 else self.quant.block_size
+        packed, scales, zp = blockquant.quantize(w.numpy(), bits, block, search=self.quant.search)
         del w
         inputs = [x, self.w.weight(f"{label}.q{bits}", packed), self.w.weight(f"{label}.scales", scales.astype(self.dtype)),
                   self.w.weight(f"{label}.zero_points", zp)]
         return self.w.node("MatMulNBits", inputs, domain="com.microsoft", K=k, N=n, bits=bits,
-                           block_size=self.quant.block_size, accuracy_level=self.quant.accuracy_level)
+                           block_size=block, accuracy_level=self.quant.accuracy_level)
 
     # ---- shared pieces ---------------------------------------------------------------
     def rms_norm(self, x: str, weight: str) -> str:

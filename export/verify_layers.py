@@ -52,7 +52,7 @@ def _onnx_layer(source, cfg: FolderConfig, i: int, hidden: np.ndarray) -> list[n
     quant = None
     if cfg.precision == "int4" and q.get("algorithm") != "hqq":  # the recipe of layer i, as layer 0 of one
         quant = Quant(block_size=q["block_size"], accuracy_level=q["accuracy_level"], search=q["algorithm"] == "mse",
-                      wide_bits=q["wide_bits"], wide_weights=tuple(q["wide_weights"]),
+                      wide_bits=q["wide_bits"], wide_block_size=q["wide_block_size"], wide_weights=tuple(q["wide_weights"]),
                       wide_layers=(0,) if i in q["wide_layers"] else ())  # the head is not in a layer's graph
     with tempfile.TemporaryDirectory(prefix="llama2-onnx-layer-") as tmp:
         if q.get("algorithm") == "hqq":

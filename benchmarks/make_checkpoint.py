@@ -50,13 +50,10 @@ POOL = 2**22  # normals drawn once; every tensor is made of slices of it
 
 
 def parameter_count(fields: dict) -> int:
+    from llama2_onnx.models.checkpoint_layout import parameter_count as count
     from llama2_onnx.models.config import ModelArgs
 
-    a = ModelArgs(**fields)
-    kv = a.n_kv_heads * a.head_dim
-    per_layer = a.dim * (a.dim + 2 * kv + a.dim) + 3 * a.dim * a.ffn_hidden_dim + 2 * a.dim
-    head = 0 if a.tie_embeddings else a.vocab_size * a.dim
-    return a.vocab_size * a.dim + a.n_layers * per_layer + a.dim + head
+    return count(ModelArgs(**fields))
 
 
 def random_tensor(pool: torch.Tensor, shape: tuple[int, ...], fan_in: int | None, dtype: torch.dtype,

@@ -92,11 +92,10 @@ def _default_chat_format(checkpoint: ckpt.Checkpoint, tokenizer: str | None) -> 
     return "llama2" if tokenizer == gguf_vocab.SPM_FILE else None
 
 
-def reference_model(source) -> Transformer:
-    """The float32 PyTorch decoder from an opened checkpoint, read tensor by tensor."""
-    state = {n: source.read(n).float() for n in source.names}
-    return build_model(ckpt.Checkpoint(args=source.args, state_dict=state, source=source.source, path=source.path),
-                       torch.float32)
+def torch_model(source: ckpt.LazyCheckpoint, dtype: torch.dtype) -> Transformer:
+    """Our PyTorch decoder in dtype from an opened checkpoint, each tensor converted as it is read."""
+    state = {n: source.read(n).to(dtype) for n in source.names}
+    return build_model(ckpt.Checkpoint(args=source.args, state_dict=state, source=source.source, path=source.path), dtype)
 
 
 def _check_options(precision: str, graph: str, trace_graph: bool, opset: int, int4: Int4Options | None) -> None:
@@ -139,8 +138,7 @@ def export_model(
             data_sha = None  # hashed by the manifest, unless the assembler hashed it while writing
             if trace_graph:
                 with stages.stage("trace"):
-                    model = build_model(ckpt.Checkpoint(args=args, state_dict={n: source.read(n) for n in source.names},
-                                                        source=source.source, path=source.path), DTYPES[precision])
+                    model = torch_model(source, DTYPES[precision])
                     trace(model, tmp, opset=opset)
                     del model
             else:
@@ -156,7 +154,7 @@ def export_model(
                 cfg = FolderConfig(
                     model=args, precision=precision, graph=graph, opset=opset,
                     chat_format=chat_format or _default_chat_format(source, tok_name),
-                    quantization=_quantization(int4, args.n_layers), tokenizer=tok_name or "", add_bos=_add_bos(source, tok_name),
+                    quantization=int4.to_dict(args.n_layers) if int4 else {}, tokenizer=tok_name or "", add_bos=_add_bos(source, tok_name),
                     source={"path": str(Path(checkpoint).resolve()), "format": source.source},
                 )
                 out_folder.write_configs(tmp, cfg, special)
@@ -164,7 +162,7 @@ def export_model(
                 full = fits_in_memory(args, tmp)
                 with stages.stage("verify", total=None if full else args.n_layers) as step:
                     if full:
-                        reference = reference_model(source)
+                        reference = torch_model(source, torch.float32)
                         cfg.verify = verify(tmp, reference)
                         del reference
                     else:
@@ -172,14 +170,3 @@ def export_model(
                 (tmp / contract.CONFIG_FILE).write_text(cfg.to_json())
             out_folder.finish(tmp, {contract.DATA_FILE: data_sha} if data_sha and not hqq else None)
     return ExportResult(out=out, config=cfg, seconds=stages.seconds)
-
-
-def _quantization(int4: Int4Options | None, n_layers: int) -> dict:
-    if int4 is None:
-        return {}
-    d = int4.to_dict()
-    if int4.algorithm != "hqq":
-        q = int4.quant(n_layers)
-        d.update(head=f"{q.head_bits}-bit MatMulNBits", wide_bits=q.wide_bits, wide_block_size=q.wide_block_size,
-                 wide_weights=list(q.wide_weights), wide_layers=list(q.wide_layers))
-    return d

@@ -21,6 +21,7 @@ the groups where 4 cost SmolLM2 the most perplexity (BENCHMARKS.md has the table
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -37,7 +38,6 @@ from .onnx_writer import GraphWriter, value
 
 Read = Callable[[str], torch.Tensor]
 NP_DTYPES = {"fp32": np.float32, "fp16": np.float16, "int4": np.float32}
-GRAPHS = contract.GRAPHS
 F32 = onnx.TensorProto.FLOAT
 HIDDEN, HIDDEN_OUT = "hidden", "hidden_out"  # the layers-only graph's input and output
 
@@ -57,6 +57,10 @@ class Quant:
     wide_weights: tuple[str, ...] = ("feed_forward.w2",)
     wide_layers: tuple[int, ...] = ()  # every weight of these layers (export: the first and the last)
 
+    def for_layer(self, i: int) -> "Quant":
+        """The recipe of layer i as the only layer (layer 0) of a one-layer graph."""
+        return dataclasses.replace(self, wide_layers=(0,) if i in self.wide_layers else ())
+
     def bits_for(self, label: str) -> int:
         layer = int(label.split(".")[1]) if label.startswith("layers.") else None
         if layer in self.wide_layers or any(label.startswith(f"layers.{layer}.{w}") for w in self.wide_weights):
@@ -70,8 +74,8 @@ class DecoderGraph:
 
     def __init__(self, args: ModelArgs, read: Read, writer: GraphWriter, *, graph: str = contract.GRAPH_PORTABLE,
                  precision: str = "fp32", quant: Quant | None = None, opset: int = 23, whole: bool = True):
-        if graph not in GRAPHS:
-            raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
+        if graph not in contract.GRAPHS:
+            raise ValueError(f"graph must be one of {contract.GRAPHS}, got {graph!r}")
         self.a, self.read, self.w = args, read, writer
         self.graph, self.precision, self.opset, self.whole = graph, precision, opset, whole
         self._embedding_table: str | None = None  # initializer name, once written

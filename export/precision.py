@@ -57,10 +57,20 @@ class Int4Options:
         if self.accuracy_level not in ACCURACY_LEVELS:
             raise UserError(f"--accuracy-level must be 0-4, got {self.accuracy_level}")
 
-    def to_dict(self) -> dict:
-        return {"bits": 4, "block_size": self.block_size, "accuracy_level": self.accuracy_level,
-                "algorithm": self.algorithm, "recipe": self.recipe, "op": "MatMulNBits", "head": "float32",
-                "embedding": "float32"}
+    def to_dict(self, n_layers: int) -> dict:
+        """What config.json records under "quantization" (from_dict reads the options back)."""
+        d = {"bits": 4, "block_size": self.block_size, "accuracy_level": self.accuracy_level,
+             "algorithm": self.algorithm, "recipe": self.recipe, "op": "MatMulNBits", "head": "float32",
+             "embedding": "float32"}
+        if self.algorithm != "hqq":
+            q = self.quant(n_layers)
+            d.update(head=f"{q.head_bits}-bit MatMulNBits", wide_bits=q.wide_bits, wide_block_size=q.wide_block_size,
+                     wide_weights=list(q.wide_weights), wide_layers=list(q.wide_layers))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Int4Options":
+        return cls(d["block_size"], d["accuracy_level"], d["algorithm"], d.get("recipe", "quality"))
 
     def quant(self, n_layers: int):
         """The assembled graph's recipe (export/graph.py Quant): not for hqq, which rewrites a float32 graph."""

@@ -21,21 +21,18 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from llama2_onnx.models.checkpoint_layout import expected_shapes
+from llama2_onnx.models.checkpoint_layout import parameter_count
 from llama2_onnx.models.config import ModelArgs
 from llama2_onnx.models.llama import Attention, FeedForward, RMSNorm, attention_bias, rotary_cos_sin
 from llama2_onnx.runtime import contract
 from llama2_onnx.runtime.folder import FolderConfig
 from llama2_onnx.runtime.providers import available_memory
 
-from .graph import HIDDEN, HIDDEN_OUT, Quant, write_graph
+from .graph import HIDDEN, HIDDEN_OUT, write_graph
+from .precision import Int4Options, quantize_int4
 from .verify import FP32_TOLERANCE, VerificationError
 
 TOKENS = 8
-
-
-def parameter_count(args: ModelArgs) -> int:
-    return sum(int(np.prod(s)) for s in expected_shapes(args).values())
 
 
 def fits_in_memory(args: ModelArgs, folder: Path) -> bool:
@@ -48,20 +45,13 @@ def fits_in_memory(args: ModelArgs, folder: Path) -> bool:
 def _onnx_layer(source, cfg: FolderConfig, i: int, hidden: np.ndarray) -> list[np.ndarray]:
     a = dataclasses.replace(cfg.model, n_layers=1)
     read = lambda name: source.read(name.replace("layers.0.", f"layers.{i}.", 1))
-    q = cfg.quantization
-    quant = None
-    if cfg.precision == "int4" and q.get("algorithm") != "hqq":  # the recipe of layer i, as layer 0 of one
-        quant = Quant(block_size=q["block_size"], accuracy_level=q["accuracy_level"], search=q["algorithm"] == "mse",
-                      wide_bits=q["wide_bits"], wide_block_size=q["wide_block_size"], wide_weights=tuple(q["wide_weights"]),
-                      wide_layers=(0,) if i in q["wide_layers"] else ())  # the head is not in a layer's graph
+    int4 = Int4Options.from_dict(cfg.quantization) if cfg.precision == "int4" else None
+    hqq = int4 is not None and int4.algorithm == "hqq"
+    quant = int4.quant(cfg.model.n_layers).for_layer(i) if int4 and not hqq else None
     with tempfile.TemporaryDirectory(prefix="llama2-onnx-layer-") as tmp:
-        if q.get("algorithm") == "hqq":
-            from .precision import Int4Options, quantize_int4
-
-            write_graph(a, read, Path(tmp), graph=cfg.graph, precision="fp32", whole=False)
-            quantize_int4(Path(tmp), Int4Options(q["block_size"], q["accuracy_level"], "hqq"))
-        else:
-            write_graph(a, read, Path(tmp), graph=cfg.graph, precision=cfg.precision, quant=quant, whole=False)
+        write_graph(a, read, Path(tmp), graph=cfg.graph, precision="fp32" if hqq else cfg.precision, quant=quant, whole=False)
+        if hqq:
+            quantize_int4(Path(tmp), int4)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         session = ort.InferenceSession(str(Path(tmp) / contract.MODEL_FILE), opts, providers=["CPUExecutionProvider"])

@@ -14,6 +14,7 @@ Shared by the loaders (``models/checkpoint.py``) and the writers (``models/write
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -117,6 +118,10 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     if not args.tie_embeddings:
         shapes["output.weight"] = (args.vocab_size, args.dim)
     return shapes
+
+
+def parameter_count(args: ModelArgs) -> int:
+    return sum(math.prod(shape) for shape in expected_shapes(args).values())
 
 
 def meta_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:

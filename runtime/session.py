@@ -134,9 +134,8 @@ class Model:
 
     def _run_bound(self, feeds: dict, cache: KVCache) -> np.ndarray:
         binding = self.session.io_binding()
+        self._bind_feeds(binding, feeds)
         dev, dev_id = self.provider.device, self.device_id
-        for name, value in feeds.items():
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, dev, dev_id))
         for name, value in zip(self._past_names, cache.past):
             binding.bind_ortvalue_input(name, value)
         # logits come back to the host; presents stay where the session puts them
@@ -147,13 +146,19 @@ class Model:
         logits, *cache.past = binding.get_outputs()
         return logits.numpy()
 
+    def _bind_feeds(self, binding, feeds: dict) -> None:
+        """This step's NumPy inputs, copied to the device."""
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, self._to_device(value))
+
     # ---- the fused graph: shared buffers, right-aligned rows ---------------------------------
     def _step_fused(self, input_ids: np.ndarray, new_mask: np.ndarray, cache: KVCache) -> np.ndarray:
         b, s = input_ids.shape
         counts = new_mask.sum(axis=1).astype(np.int64)  # real tokens per row in this step
-        if cache.length and s > 1 and (counts != s).any():
+        padded = bool((counts != s).any())
+        if padded and cache.length:
             raise ValueError("the fused graph takes padding only in the first step")
-        if (counts != s).any():  # left padding -> each row's tokens first
+        if padded:  # left padding -> each row's tokens first
             order = np.argsort(new_mask == 0, axis=1, kind="stable")
             input_ids = np.take_along_axis(input_ids, order, axis=1)
         lengths = cache.next_pos + counts  # tokens per row after this step
@@ -182,9 +187,7 @@ class Model:
             for past, present, buf in zip(self._past_names, self._present_names, cache.past):
                 binding.bind_ortvalue_input(past, buf)
                 binding.bind_ortvalue_output(present, buf)  # one buffer: written in place
-        dev, dev_id = self.provider.device, self.device_id
-        for name, value in feeds.items():
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, dev, dev_id))
+        self._bind_feeds(binding, feeds)
         if s == 1:  # decode: logits land in a host array the cache keeps, no output objects per step
             if cache.step_logits is None:
                 host = np.empty((cache.batch, 1, self.config.model.vocab_size), np.float32)

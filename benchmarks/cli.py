@@ -19,7 +19,7 @@ def _peer_list(text: str) -> list[str]:
 def add_arguments(p) -> None:
     from llama2_onnx.runtime.providers import CHOICES
 
-    from .harness import IO_BINDING_MODES, PEER_CHOICES, SWEEPABLE
+    from .harness import HUGE_PAGES_MODES, IO_BINDING_MODES, PEER_CHOICES, SWEEPABLE
 
     p.add_argument("model", nargs="?", default=None,
                    help="model folder written by `llama2-onnx export` (default: SmolLM2-135M-Instruct fp32, exported on first use)")
@@ -28,6 +28,8 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=1, help="sequences per batch, same prompt (default 1)")
     p.add_argument("--io-binding", choices=list(IO_BINDING_MODES), default="both",
                    help="run ours with I/O binding on, off or both (default both)")
+    p.add_argument("--huge-pages", choices=list(HUGE_PAGES_MODES), default="on",
+                   help="run ours with its weights moved into 2 MB pages (Linux CPU), not, or both (default on)")
     p.add_argument("--provider", choices=CHOICES, default="auto", help="execution provider (default auto)")
     p.add_argument("--threads", type=int, default=None, help="threads for every system (default: physical cores)")
     p.add_argument("--repeats", type=int, default=5, help="measured runs per configuration (default 5)")
@@ -70,7 +72,8 @@ def run(args) -> int:
     log_to = sys.stderr if "-" in (args.json, args.markdown) else sys.stdout
     result = run_benchmark(
         model=model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch,
-        io_binding=args.io_binding, provider=args.provider, threads=args.threads, repeats=args.repeats,
+        io_binding=args.io_binding, huge_pages=args.huge_pages, provider=args.provider, threads=args.threads,
+        repeats=args.repeats,
         warmup=args.warmup, peers=args.peers, sweep=parse_sweep(args.sweep), checkpoint=args.checkpoint,
         builder_precision=args.builder_precision, isolate=not args.in_process, interleave=args.interleave,
         bandwidth_mb=args.bandwidth_mb, timeout_s=args.timeout, noise_limit=args.noise_limit, retries=args.retries,

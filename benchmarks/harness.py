@@ -25,13 +25,14 @@ from .prompts import prompt_ids
 
 SWEEPABLE = {"prompt-len": "prompt_len", "new-tokens": "new_tokens", "batch": "batch", "threads": "threads"}
 IO_BINDING_MODES = {"on": (True,), "off": (False,), "both": (True, False)}
+HUGE_PAGES_MODES = IO_BINDING_MODES  # ours with the weights in 2 MB pages: on, off or both
 PEER_CHOICES = tuple(p for p in PEERS if p != "ours")
 
 # Every row has exactly these keys (None where a figure does not apply or was not measured).
 ROW_FIELDS = (
     "system", "label", "status", "note", "detail",
     "cpu_model", "cores", "ort_version", "provider", "precision",
-    "io_binding", "threads", "batch", "prompt_len", "new_tokens", "repeats", "warmup",
+    "io_binding", "huge_pages", "threads", "batch", "prompt_len", "new_tokens", "repeats", "warmup",
     "ttft_ms", "decode_ms_per_token", "decode_tokens", "decode_s", "decode_tokens_per_s",
     "e2e_tokens", "e2e_s", "e2e_tokens_per_s", "decode_vs_ours",
     "weight_bytes", "bandwidth_gb_s", "bandwidth_share",
@@ -70,13 +71,15 @@ def points(base: Point, sweep: dict[str, list[int]]) -> list[Point]:
 
 
 def _check(pts: list[Point], repeats: int, warmup: int, peers: list[str], io_binding: str, max_seq_len: int,
-           interleave: str) -> None:
+           interleave: str, huge_pages: str = "on") -> None:
     if interleave not in schedule.INTERLEAVE:
         raise UserError(f"--interleave must be one of {', '.join(schedule.INTERLEAVE)}, got {interleave!r}")
     if repeats < 1 or warmup < 0:
         raise UserError(f"--repeats must be at least 1 and --warmup at least 0 (got {repeats}, {warmup})")
     if io_binding not in IO_BINDING_MODES:
         raise UserError(f"--io-binding must be one of {', '.join(IO_BINDING_MODES)}, got {io_binding!r}")
+    if huge_pages not in HUGE_PAGES_MODES:
+        raise UserError(f"--huge-pages must be one of {', '.join(HUGE_PAGES_MODES)}, got {huge_pages!r}")
     unknown = [p for p in peers if p not in PEER_CHOICES]
     if unknown:
         raise UserError(f"unknown peer(s) {', '.join(unknown)}; choose from {', '.join(PEER_CHOICES)}")
@@ -101,7 +104,8 @@ def sniff_format(path: Path) -> str | None:
 
 
 def run_benchmark(*, model: str | Path, prompt_len: int = 128, new_tokens: int = 128, batch: int = 1,
-                  io_binding: str = "both", provider: str = "auto", threads: int | None = None, repeats: int = 5,
+                  io_binding: str = "both", huge_pages: str = "on", provider: str = "auto",
+                  threads: int | None = None, repeats: int = 5,
                   warmup: int = 1, peers: list[str] = (), sweep: dict[str, list[int]] | None = None,
                   checkpoint: str | Path | None = None, builder_precision: str | None = None,
                   isolate: bool = True, interleave: str = "auto", bandwidth_mb: int = 256,
@@ -117,7 +121,7 @@ def run_benchmark(*, model: str | Path, prompt_len: int = 128, new_tokens: int =
     a = cfg.model
     peers = list(dict.fromkeys(peers))
     pts = points(Point(prompt_len, new_tokens, batch, threads or physical_cores()), sweep or {})
-    _check(pts, repeats, warmup, peers, io_binding, a.max_seq_len, interleave)
+    _check(pts, repeats, warmup, peers, io_binding, a.max_seq_len, interleave, huge_pages)
     prov = resolve(provider).name
 
     machine = machine_info(prov)
@@ -133,8 +137,9 @@ def run_benchmark(*, model: str | Path, prompt_len: int = 128, new_tokens: int =
                checkpoint=str(ckpt) if ckpt else None, checkpoint_format=ckpt_format)
     builder_precision = builder_precision or cfg.precision
     peer_dirs = _prepare_peers(peers, base, builder_precision, log)
-    systems = [("ours", io) for io in IO_BINDING_MODES[io_binding]] + [(name, None) for name in peers]
-    memory = [PEERS[s].memory for s, _ in systems]
+    systems = [("ours", io, hp) for io in IO_BINDING_MODES[io_binding] for hp in HUGE_PAGES_MODES[huge_pages]]
+    systems += [(name, None, None) for name in peers]
+    memory = [PEERS[s].memory for s, _, _ in systems]
     together = schedule.should_interleave(interleave, memory, folder_weight_bytes(folder), log)
     machine["interleaved"] = together
 
@@ -142,10 +147,10 @@ def run_benchmark(*, model: str | Path, prompt_len: int = 128, new_tokens: int =
     for p in pts:
         ids = prompt_ids(folder, length=p.prompt_len, add_bos=cfg.add_bos, bos_id=a.bos_id, eos_id=a.eos_id,
                          vocab_size=a.vocab_size, tokenizer=cfg.tokenizer)
-        jobs = [replace(base, system=system, io_binding=io, prompt_ids=ids, new_tokens=p.new_tokens,
+        jobs = [replace(base, system=system, io_binding=io, huge_pages=hp, prompt_ids=ids, new_tokens=p.new_tokens,
                         batch=p.batch, threads=p.threads, peer_dir=peer_dirs.get(system),
                         precision=PRECISION_OF[PEERS[system].weights](cfg.precision, builder_precision, prov))
-                for system, io in systems]
+                for system, io, hp in systems]
         skipped = [peer_dirs.get(j.system + ":skip") or skip_reason(PEERS[j.system], j) for j in jobs]
         runnable = [j for j, why in zip(jobs, skipped) if not why]
         measured = iter(schedule.measure(runnable, warmup=warmup, repeats=repeats, interleave=together,
@@ -197,8 +202,8 @@ def make_row(job: Job, result: dict, machine: dict, isolated: bool = True) -> di
     row = dict.fromkeys(ROW_FIELDS)
     row.update(system=job.system, label=job.label, cpu_model=machine["cpu_model"], cores=machine["physical_cores"],
                ort_version=machine["ort_version"], provider=job.provider, precision=job.precision,
-               io_binding=job.io_binding, threads=job.threads, batch=job.batch, prompt_len=job.prompt_len,
-               new_tokens=job.new_tokens, repeats=job.repeats, warmup=job.warmup)
+               io_binding=job.io_binding, huge_pages=job.huge_pages, threads=job.threads, batch=job.batch,
+               prompt_len=job.prompt_len, new_tokens=job.new_tokens, repeats=job.repeats, warmup=job.warmup)
     if "skipped" in result or "error" in result:
         row.update(status="skipped" if "skipped" in result else "failed", note=result.get("skipped") or result["error"])
         return row

@@ -22,6 +22,7 @@ class Job:
     provider: str = "cpu"  # resolved: cpu, cuda or dml
     precision: str = "fp32"
     io_binding: bool | None = None  # ours only
+    huge_pages: bool | None = None  # ours only: the weights moved into 2 MB pages after loading
     repeats: int = 5
     warmup: int = 1
     eos_ids: list[int] = field(default_factory=list)  # suppressed by every system so all make new_tokens tokens
@@ -42,7 +43,10 @@ class Job:
 
     @property
     def label(self) -> str:
-        return self.system if self.io_binding is None else f"{self.system} io-binding {'on' if self.io_binding else 'off'}"
+        if self.io_binding is None:
+            return self.system
+        pages = " huge-pages off" if self.huge_pages is False else ""
+        return f"{self.system} io-binding {'on' if self.io_binding else 'off'}{pages}"
 
 
 @dataclass

@@ -84,7 +84,9 @@ def _suppress(logits: np.ndarray, eos_ids: list[int]) -> np.ndarray:
 def load_ours(job: Job) -> Loaded:
     from llama2_onnx.runtime.session import Model
 
-    model = Model.from_dir(job.model_dir, provider=job.provider, threads=job.threads, io_binding=bool(job.io_binding))
+    model = Model.from_dir(job.model_dir, provider=job.provider, threads=job.threads, io_binding=bool(job.io_binding),
+                           huge_pages=job.huge_pages is not False)
+    model.wait_for_huge_pages()  # part of loading: the runs see the weights where they stay
     ids = np.tile(np.asarray(job.prompt_ids, np.int64), (job.batch, 1))  # (B, P)
     mask = np.ones_like(ids)
     one = np.ones((job.batch, 1), np.int64)
@@ -102,7 +104,8 @@ def load_ours(job: Job) -> Loaded:
 
         return timed_greedy(prefill, step, job.new_tokens)
 
-    detail = f"onnxruntime {_version('onnxruntime')} {model.provider.name} io_binding={'on' if job.io_binding else 'off'}"
+    detail = (f"onnxruntime {_version('onnxruntime')} {model.provider.name} io_binding={'on' if job.io_binding else 'off'} "
+              f"huge_pages={'on' if model.huge_pages else 'off'}")
     return Loaded(run, detail, folder_weight_bytes(job.model_dir))
 
 

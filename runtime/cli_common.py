@@ -13,6 +13,8 @@ def add_model_arguments(p) -> None:
     p.add_argument("--provider", choices=CHOICES, default="auto", help="execution provider (default auto: CUDA, DirectML, then CPU)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     p.add_argument("--no-io-binding", action="store_true", help="feed NumPy arrays instead of keeping the KV cache on the device")
+    p.add_argument("--no-huge-pages", action="store_true",
+                   help="leave the weights in 4 KB pages (default on Linux CPUs: moved into 2 MB pages after loading, ~5%% faster decoding)")
     p.add_argument("--check-hashes", action="store_true", default=None,
                    help="verify every file's sha256 against the manifest (done anyway on a folder's first load)")
 
@@ -41,7 +43,8 @@ def open_generator(args):
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     folder = Path(args.model) if args.model else default_model()
     return Generator.from_dir(folder, provider=args.provider, threads=args.threads,
-                              io_binding=not args.no_io_binding, check_hashes=args.check_hashes)
+                              io_binding=not args.no_io_binding, check_hashes=args.check_hashes,
+                              huge_pages=not args.no_huge_pages)
 
 
 def default_model() -> Path:

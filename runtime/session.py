@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from . import contract
+from . import contract, hugepages
 from .folder import FolderConfig, ModelFolderError, check_manifest
 from .providers import Provider, physical_cores, resolve
 
@@ -50,6 +50,7 @@ class Model:
     provider: Provider
     io_binding: bool = True
     device_id: int = 0
+    huge_pages: object = None  # the thread moving the weights into huge pages (see hugepages.py), or None
     _kv_dtype: np.dtype = field(init=False)
 
     def __post_init__(self) -> None:
@@ -61,13 +62,15 @@ class Model:
 
     @classmethod
     def from_dir(cls, path: str | Path, provider: str = "auto", threads: int | None = None,
-                 io_binding: bool = True, check_hashes: bool | None = None, device_id: int = 0) -> "Model":
+                 io_binding: bool = True, check_hashes: bool | None = None, device_id: int = 0,
+                 huge_pages: bool = True) -> "Model":
         """Open a model folder written by `llama2-onnx export`.
 
         Checks the manifest (file sizes always; sha256 on the first load of the folder, or
         always with check_hashes=True, never with False), reads config.json,
         and opens the session on provider ('auto', 'cpu', 'cuda' or 'dml') with threads
-        intra-op threads (default: the physical cores).
+        intra-op threads (default: the physical cores). On the CPU with huge_pages (Linux),
+        a background thread then moves the weights into 2 MB pages (wait_for_huge_pages()).
         """
         folder = Path(path)
         check_manifest(folder, hashes=check_hashes)
@@ -84,7 +87,14 @@ class Model:
             session = ort.InferenceSession(str(model_path), opts, providers=[(prov.ort_name, prov_opts)])
         except Exception as e:  # ORT raises its own types; one line for the user
             raise ModelFolderError(f"onnxruntime could not load {model_path}: {str(e).splitlines()[0]}") from None
-        return cls(folder=folder, config=config, session=session, provider=prov, io_binding=io_binding, device_id=device_id)
+        moving = hugepages.collapse_in_background() if huge_pages and prov.name == "cpu" else None
+        return cls(folder=folder, config=config, session=session, provider=prov, io_binding=io_binding,
+                   device_id=device_id, huge_pages=moving)
+
+    def wait_for_huge_pages(self, timeout: float | None = None) -> None:
+        """Block until the weights are in huge pages (at once where none are being moved)."""
+        if self.huge_pages is not None:
+            self.huge_pages.join(timeout)
 
     # ---- cache ---------------------------------------------------------------
     def new_cache(self, attention_mask: np.ndarray, capacity: int | None = None) -> KVCache:

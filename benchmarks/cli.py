@@ -73,8 +73,7 @@ def run(args) -> int:
     result = run_benchmark(
         model=model, prompt_len=args.prompt_len, new_tokens=args.new_tokens, batch=args.batch,
         io_binding=args.io_binding, huge_pages=args.huge_pages, provider=args.provider, threads=args.threads,
-        repeats=args.repeats,
-        warmup=args.warmup, peers=args.peers, sweep=parse_sweep(args.sweep), checkpoint=args.checkpoint,
+        repeats=args.repeats, warmup=args.warmup, peers=args.peers, sweep=parse_sweep(args.sweep), checkpoint=args.checkpoint,
         builder_precision=args.builder_precision, isolate=not args.in_process, interleave=args.interleave,
         bandwidth_mb=args.bandwidth_mb, timeout_s=args.timeout, noise_limit=args.noise_limit, retries=args.retries,
         log=lambda line: print(line, file=log_to, flush=True),

@@ -2,9 +2,10 @@
 
 ONNX Runtime copies every weight it prepacks (MatMul and MatMulNBits B) into anonymous
 memory of 4 KB pages, and a decode step reads all of them once: on a 2-core CPU that is the
-whole step. Once the session exists, `collapse(regions)` asks the kernel (madvise
-MADV_COLLAPSE, Linux 6.1+) to move that memory into transparent huge pages in place: the
-same bytes, the same resident size, about 5% faster decoding on this machine's SmolLM2 fp32
+whole step. Once the session exists, `collapse(regions())` asks the kernel (madvise
+MADV_COLLAPSE, Linux 6.1+) to move the process's dense anonymous memory not yet in huge pages
+(after a load, mostly those weights) into transparent huge pages in place: the same bytes, the
+same resident size, about 5% faster decoding on this machine's SmolLM2 fp32
 and int4 (BENCHMARKS.md). Model.from_dir runs it on a background thread for the CPU
 provider, so loading does not wait for it. Where the kernel cannot (another OS, an older
 kernel, THP set to "never", a sandbox that forbids madvise) it collapses nothing and says

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from llama2_onnx.runtime import Generator, hugepages
-from llama2_onnx.runtime.session import Model
 
 THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or not THP.exists()

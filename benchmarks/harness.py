@@ -71,7 +71,7 @@ def points(base: Point, sweep: dict[str, list[int]]) -> list[Point]:
 
 
 def _check(pts: list[Point], repeats: int, warmup: int, peers: list[str], io_binding: str, max_seq_len: int,
-           interleave: str, huge_pages: str = "on") -> None:
+           interleave: str, huge_pages: str) -> None:
     if interleave not in schedule.INTERLEAVE:
         raise UserError(f"--interleave must be one of {', '.join(schedule.INTERLEAVE)}, got {interleave!r}")
     if repeats < 1 or warmup < 0:

@@ -15,7 +15,6 @@ nothing: speed is the only thing at stake.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 import threading
 
@@ -24,6 +23,11 @@ MADV_HUGEPAGE = 14
 MADV_COLLAPSE = 25
 DENSE = 0.9  # collapse only regions at least this resident: collapsing fills a huge page's gaps
 STEP = 64 << 20  # madvise this much at a time, so a closing process is not held for long
+
+
+def _aligned(lo: int, hi: int) -> tuple[int, int]:
+    """The whole 2 MB pages inside [lo, hi)."""
+    return -(-lo // HUGE_PAGE) * HUGE_PAGE, hi // HUGE_PAGE * HUGE_PAGE
 
 
 def regions() -> list[tuple[int, int]]:
@@ -43,8 +47,8 @@ def regions() -> list[tuple[int, int]]:
                 elif current and head[0] == "Rss:":
                     rss = int(head[1]) * 1024
                 elif current and head[0] == "AnonHugePages:":
-                    size = current[1] - current[0]
-                    if rss >= DENSE * size and int(head[1]) * 1024 < DENSE * (size - 2 * HUGE_PAGE):
+                    start, end = _aligned(*current)
+                    if rss >= DENSE * (current[1] - current[0]) and int(head[1]) * 1024 < DENSE * (end - start):
                         out.append(current)
                     current = None
     except (OSError, ValueError, IndexError):
@@ -54,9 +58,8 @@ def regions() -> list[tuple[int, int]]:
 
 def _madvise():
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.madvise
-    except (OSError, AttributeError):
+        fn = ctypes.CDLL(None, use_errno=True).madvise  # libc, already loaded in this process
+    except (OSError, AttributeError, TypeError):  # no C library by that route (Windows)
         return None
     fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     fn.restype = ctypes.c_int
@@ -70,7 +73,7 @@ def collapse(spans: list[tuple[int, int]]) -> int:
         return 0
     moved = 0
     for lo, hi in spans:
-        start, end = -(-lo // HUGE_PAGE) * HUGE_PAGE, hi // HUGE_PAGE * HUGE_PAGE
+        start, end = _aligned(lo, hi)
         for a in range(start, end, STEP):
             n = min(STEP, end - a)
             if madvise(a, n, MADV_HUGEPAGE) != 0 or madvise(a, n, MADV_COLLAPSE) != 0:

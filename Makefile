@@ -11,7 +11,7 @@ setup: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[export,dev]'
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[export,serve,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

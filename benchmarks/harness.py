@@ -112,12 +112,11 @@ def run_benchmark(*, model: str | Path, prompt_len: int = 128, new_tokens: int =
                   timeout_s: float | None = None, noise_limit: float = 0.15, retries: int = 2,
                   log: Callable[[str], None] = print) -> dict:
     """Benchmark the model folder (and peers). Returns {"schema", "machine", "rows"}."""
-    from llama2_onnx.runtime.folder import FolderConfig, check_manifest
+    from llama2_onnx.runtime.folder import check_folder
     from llama2_onnx.runtime.providers import physical_cores, resolve
 
     folder = Path(model)
-    check_manifest(folder)
-    cfg = FolderConfig.read(folder)
+    cfg = check_folder(folder)  # peers open the folder with their own sessions: check it as ours would
     a = cfg.model
     peers = list(dict.fromkeys(peers))
     pts = points(Point(prompt_len, new_tokens, batch, threads or physical_cores()), sweep or {})

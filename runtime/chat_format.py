@@ -7,7 +7,9 @@
   prompt ``<|im_start|>assistant\\n`` (SmolLM2's chat template, default system prompt included).
 
 Special tokens are always ids (BOS/EOS, <|im_start|>), never text run through the tokenizer;
-messages that contain a format's tag text are refused, so a user cannot forge a turn.
+messages that contain a format's tag text are refused, so a user cannot forge a turn. Any other
+special token's spelling in a message (<|endoftext|>, <filename>, ...) is encoded as the plain
+text it is (``parse_special=False``), never as the token: messages quoting them stay usable.
 """
 
 from __future__ import annotations
@@ -100,8 +102,8 @@ class Llama2Format:
         ids: list[int] = []
         for user, answer in zip(msgs[::2], msgs[1::2]):  # finished turns, each with BOS and EOS
             text = f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} "
-            ids += tokenizer.encode(text, bos=True, eos=True)
-        ids += tokenizer.encode(f"{B_INST} {msgs[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
+            ids += tokenizer.encode(text, bos=True, eos=True, parse_special=False)
+        ids += tokenizer.encode(f"{B_INST} {msgs[-1]['content'].strip()} {E_INST}", bos=True, eos=False, parse_special=False)
         return ids
 
     def stop_ids(self, tokenizer: Tokenizer) -> list[int]:
@@ -135,7 +137,8 @@ class ChatMLFormat:
         newline = tokenizer.encode("\n", bos=False, eos=False)
         ids: list[int] = []
         for msg in msgs:  # <|im_start|>{role}\n{content}<|im_end|>\n
-            ids += [start] + tokenizer.encode(f"{msg['role']}\n{msg['content']}", bos=False, eos=False) + [end] + newline
+            text = f"{msg['role']}\n{msg['content']}"
+            ids += [start] + tokenizer.encode(text, bos=False, eos=False, parse_special=False) + [end] + newline
         ids += [start] + tokenizer.encode("assistant\n", bos=False, eos=False)  # the generation prompt
         return ids
 

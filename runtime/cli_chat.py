@@ -36,8 +36,12 @@ def fit_history(gen, dialog: list[dict], reserve: int) -> tuple[list[dict], int]
 
 
 def run(args) -> int:
+    kw = sampling_kwargs(args)  # bad values fail before the model loads
     gen = open_generator(args)
-    kw = sampling_kwargs(args)
+    # Bytes that are not UTF-8 become U+FFFD rather than ending the conversation: one stray byte
+    # in a piped file or a Latin-1 terminal should cost that character, not the session.
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")
     interactive = sys.stdin.isatty()
     base = [{"role": "system", "content": args.system}] if args.system else []
     dialog = list(base)

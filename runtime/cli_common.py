@@ -30,6 +30,13 @@ def add_sampling_arguments(p, max_new_tokens: int) -> None:
 
 
 def sampling_kwargs(args) -> dict:
+    """The generate/chat keyword arguments of the sampling options, checked before any model is opened."""
+    from .generator import stop_strings
+    from .sampler import SamplingParams, make_rng
+
+    make_rng(args.seed)
+    SamplingParams(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
+    stop_strings(args.stop)
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                 top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
 

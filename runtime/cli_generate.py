@@ -17,8 +17,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    kw = sampling_kwargs(args)  # bad values fail before the model loads
     gen = open_generator(args)
-    kw = sampling_kwargs(args)
     if args.chat:
         stream = gen.stream_chat([{"role": "user", "content": args.prompt}], **kw)
     else:

@@ -12,11 +12,20 @@ import numpy as np
 from llama2_onnx.errors import UserError
 
 from .chat_format import CHAT_FORMATS, Dialog, format_dialog
-from .sampler import SamplingParams, sample
+from .sampler import SamplingParams, make_rng, sample
 from .session import Model
 from .tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 FINISH_EOS, FINISH_LENGTH, FINISH_STOP = "eos", "length", "stop"
+
+
+def stop_strings(stop: str | Sequence[str] | None) -> list[str]:
+    """The stop strings as a list: one string is one stop string (not its characters); each non-empty."""
+    stops = [stop] if isinstance(stop, str) else list(stop or ())
+    for s in stops:
+        if not isinstance(s, str) or not s:
+            raise UserError(f"stop strings must be non-empty strings, got {s!r}")
+    return stops
 
 
 @dataclass
@@ -102,7 +111,7 @@ class Generator:
 
     def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop: Sequence[str] = ()) -> GenerationResult | list[GenerationResult]:
+                 stop: str | Sequence[str] = ()) -> GenerationResult | list[GenerationResult]:
         """Continue one prompt (returns a result) or a batch (returns a list, left-padded together)."""
         single = isinstance(prompts, str)
         ids = [self.encode_prompt(p) for p in ([prompts] if single else prompts)]
@@ -131,17 +140,17 @@ class Generator:
 
     # ---- the loop --------------------------------------------------------------------
     def _stream(self, ids: list[list[int]], max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = ()) -> TextStream:
+                top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None, stop: str | Sequence[str] = ()) -> TextStream:
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
         results: list[GenerationResult] = []
-        pieces = (text for _, text in self._steps(ids, max_new_tokens, params, seed, list(stop), results))
+        pieces = (text for _, text in self._steps(ids, max_new_tokens, params, seed, stop_strings(stop), results))
         return TextStream(pieces, results)
 
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
-                     seed: int | None = None, stop: Sequence[str] = ()) -> list[GenerationResult]:
+                     seed: int | None = None, stop: str | Sequence[str] = ()) -> list[GenerationResult]:
         """Generate from token-id prompts (a left-padded batch); one result per prompt."""
         results: list[GenerationResult] = []
-        for _ in self._steps(prompts, max_new_tokens, params, seed, list(stop), results):
+        for _ in self._steps(prompts, max_new_tokens, params, seed, stop_strings(stop), results):
             pass
         return results
 
@@ -155,7 +164,7 @@ class Generator:
         ctx = self.args.max_seq_len
         if longest >= ctx:
             raise UserError(f"the prompt is {longest} tokens, the model's context is {ctx}; shorten the prompt")
-        rng = np.random.default_rng(seed)
+        rng = make_rng(seed)
         stop_ids = set(self.args.eos_ids)
         if self.chat_style in CHAT_FORMATS:
             stop_ids |= set(CHAT_FORMATS[self.chat_style].stop_ids(self.tokenizer))

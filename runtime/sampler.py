@@ -58,6 +58,16 @@ class SamplingParams:
         return self.temperature == 0
 
 
+MAX_SEED = 2**63 - 1  # seeds are int64 everywhere they travel (JSON, the OpenAI API)
+
+
+def make_rng(seed: int | None) -> np.random.Generator:
+    """The random generator for a seed: None draws fresh entropy; else an integer in [0, 2**63 - 1]."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed <= MAX_SEED):
+        raise SamplingError(f"seed must be an integer from 0 to {MAX_SEED} (or none for a random run), got {seed!r}")
+    return np.random.default_rng(None if seed is None else int(seed))
+
+
 # ---- the distribution -------------------------------------------------------------------
 
 

@@ -21,7 +21,8 @@ import numpy as np
 import onnxruntime as ort
 
 from . import contract, hugepages
-from .folder import FolderConfig, ModelFolderError, check_manifest
+from .folder import FolderConfig, ModelFolderError, check_folder
+from .graph_check import check_graph_io
 from .providers import Provider, physical_cores, resolve
 
 
@@ -67,14 +68,15 @@ class Model:
         """Open a model folder written by `llama2-onnx export`.
 
         Checks the manifest (file sizes always; sha256 on the first load of the folder, or
-        always with check_hashes=True, never with False), reads config.json,
-        and opens the session on provider ('auto', 'cpu', 'cuda' or 'dml') with threads
+        always with check_hashes=True, never with False), reads config.json, checks that every
+        external-data location is a file of the folder listed in the manifest (runtime.folder.check_folder),
+        opens the session, then checks config.json against the graph's inputs and outputs.
+        The session is opened on provider ('auto', 'cpu', 'cuda' or 'dml') with threads
         intra-op threads (default: the physical cores). On the CPU with huge_pages (Linux),
         a background thread then moves the weights into 2 MB pages (wait_for_huge_pages()).
         """
         folder = Path(path)
-        check_manifest(folder, hashes=check_hashes)
-        config = FolderConfig.read(folder)
+        config = check_folder(folder, hashes=check_hashes)
         prov = resolve(provider)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or physical_cores()
@@ -87,6 +89,7 @@ class Model:
             session = ort.InferenceSession(str(model_path), opts, providers=[(prov.ort_name, prov_opts)])
         except Exception as e:  # ORT raises its own types; one line for the user
             raise ModelFolderError(f"onnxruntime could not load {model_path}: {str(e).splitlines()[0]}") from None
+        check_graph_io(folder, config, session.get_inputs(), session.get_outputs())
         moving = hugepages.collapse_in_background() if huge_pages and prov.name == "cpu" else None
         return cls(folder=folder, config=config, session=session, provider=prov, io_binding=io_binding,
                    device_id=device_id, huge_pages=moving)

@@ -33,7 +33,11 @@ class Tokenizer(Protocol):
     eos_id: int
     vocab_size: int
 
-    def encode(self, text: str, bos: bool, eos: bool) -> list[int]: ...
+    def encode(self, text: str, bos: bool, eos: bool, *, parse_special: bool = True) -> list[int]:
+        """parse_special=False: text is only text, a special token's spelling in it is encoded as
+        ordinary pieces (chat messages); True: the tokenizer's own rule (SentencePiece never
+        parses control tokens from text; tokenizer.json matches its added tokens)."""
+        ...
 
     def decode(self, ids: Iterable[int]) -> str: ...
 
@@ -42,6 +46,16 @@ class Tokenizer(Protocol):
     def special_id(self, text: str) -> int | None:
         """The id of the special (control or added) token spelled exactly `text`, or None."""
         ...
+
+
+def well_formed(text: str) -> str:
+    """text with every lone surrogate replaced by U+FFFD. Python turns bytes that are not UTF-8
+    into lone surrogates (sys.argv, surrogateescape streams); no tokenizer can encode those."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:  # utf-16 joins the surrogate pairs that are pairs, replaces the rest
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
 def _wrap(ids: list[int], bos_id: int, eos_id: int, bos: bool, eos: bool) -> list[int]:
@@ -64,8 +78,9 @@ class SentencePieceTokenizer:
         self.eos_id = int(self.sp.eos_id() if eos_id is None else eos_id)
         self.vocab_size = int(self.sp.vocab_size())
 
-    def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
-        return _wrap(self.sp.encode(text), self.bos_id, self.eos_id, bos, eos)
+    def encode(self, text: str, bos: bool, eos: bool, *, parse_special: bool = True) -> list[int]:
+        # SentencePiece never reads control pieces (<s>, </s>, <unk>) from text, so parse_special changes nothing
+        return _wrap(self.sp.encode(well_formed(text)), self.bos_id, self.eos_id, bos, eos)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
@@ -102,9 +117,14 @@ class HFTokenizer:
                 raise TokenizerError(f"{name} {i!r} is not a token id of {path} (vocab {self.vocab_size})")
         self.bos_id, self.eos_id = bos_id, eos_id
         self._special = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items()}
+        # the same vocabulary with special tokens' spellings read as plain text (a second object,
+        # not a flag toggled on the first, so that threads may share the tokenizer)
+        self._text_only = _HF.from_str(self.tok.to_str())
+        self._text_only.encode_special_tokens = True
 
-    def encode(self, text: str, bos: bool, eos: bool) -> list[int]:
-        return _wrap(self.tok.encode(text, add_special_tokens=False).ids, self.bos_id, self.eos_id, bos, eos)
+    def encode(self, text: str, bos: bool, eos: bool, *, parse_special: bool = True) -> list[int]:
+        tok = self.tok if parse_special else self._text_only
+        return _wrap(tok.encode(well_formed(text), add_special_tokens=False).ids, self.bos_id, self.eos_id, bos, eos)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -21,11 +21,13 @@ import torch
 from llama2_onnx.errors import UserError
 from llama2_onnx.models import checkpoint as ckpt
 from llama2_onnx.models import gguf_vocab
+from llama2_onnx.models.config import MAX_SEQ_LEN
 from llama2_onnx.models.llama import Transformer
 from llama2_onnx.runtime import contract
 from llama2_onnx.runtime.folder import PRECISIONS, FolderConfig
 
 from . import folder as out_folder
+from . import staging
 from .graph import write_graph
 from .precision import Int4Options, quantize_int4
 from .progress import Stages
@@ -119,7 +121,10 @@ def export_model(
     int4 = (int4 or Int4Options()) if precision == "int4" else None
     _check_options(precision, graph, trace_graph, opset, int4)
     out = Path(out)
-    out_folder.check_out(out, overwrite)  # fail before the slow work
+    if max_seq_len is not None and not 1 <= max_seq_len <= MAX_SEQ_LEN:
+        raise UserError(f"--max-seq-len must be from 1 to {MAX_SEQ_LEN}, got {max_seq_len}")
+    protect = ckpt.checkpoint_paths(checkpoint)
+    staging.check_out(out, overwrite, protect)  # fail before the slow work
     hqq = int4 is not None and int4.algorithm == "hqq"  # fitted in a pass over the float32 graph
     names = ["load", "trace" if trace_graph else "write", *(["quantize"] if hqq else []), "save",
              *(["verify"] if verify_export else [])]
@@ -130,11 +135,9 @@ def export_model(
     with source:
         args = source.args
         if max_seq_len is not None:
-            if max_seq_len <= 0:
-                raise UserError(f"--max-seq-len must be positive, got {max_seq_len}")
             args.max_seq_len = max_seq_len
 
-        with out_folder.staging(out, overwrite) as tmp:
+        with staging.staging(out, overwrite, protect) as tmp:
             data_sha = None  # hashed by the manifest, unless the assembler hashed it while writing
             if trace_graph:
                 with stages.stage("trace"):

@@ -1,54 +1,15 @@
-"""Write the model folder atomically: build it in a temporary sibling folder, rename at the end.
-
-A failure or a kill halfway leaves at most a hidden ``.NAME.partial-*`` folder, never an
-OUT that looks complete; the manifest is written last.
-"""
+"""The model folder's configuration files: our config.json, onnxruntime-genai's genai_config.json,
+tokenizer_config.json, and the manifest, written last (``finish``). The folder itself is built
+atomically by ``staging``."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
-from llama2_onnx.errors import UserError
 from llama2_onnx.runtime import contract
 from llama2_onnx.runtime.folder import FolderConfig, write_manifest
-
-
-class OutputExistsError(UserError):
-    pass
-
-
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse early (before any work) to clobber a non-empty OUT."""
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is a file; choose a folder path for the model")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{out} exists and is not empty; pass --overwrite to replace it or choose another folder")
-
-
-@contextlib.contextmanager
-def staging(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside out; on success it replaces out, on failure it is removed."""
-    check_out(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def genai_config(cfg: FolderConfig) -> dict:

@@ -244,6 +244,11 @@ def _hf_weight_files(folder: Path) -> list[Path]:
             weight_map = load_json(folder / index).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{folder / index} has no weight_map: download it again")
+            # a file name beside the index, nothing else: no path may lead out of the folder
+            strange = [f for f in weight_map.values() if not isinstance(f, str) or Path(f).name != f or f in ("", ".", "..")]
+            if strange:
+                raise CheckpointError(f"{folder / index} names weight file {str(strange[0])[:80]!r}, which is not a "
+                                      "file name in the checkpoint folder: download the index again")
             return [folder / f for f in sorted(set(weight_map.values()))]
         if (folder / single).is_file():
             return [folder / single]
@@ -298,10 +303,16 @@ def open_gguf(path: Path) -> LazyCheckpoint:
         reader = GGUFReader(str(path))  # maps the file; only the metadata pages are touched
     except Exception as e:
         raise _corrupt(path, e) from None
-    meta = {k: f.contents() for k, f in reader.fields.items() if k not in _VOCAB_ARRAYS}
+    try:
+        meta = {k: f.contents() for k, f in reader.fields.items() if k not in _VOCAB_ARRAYS}
+        vocab = read_vocab(reader)
+    except VocabError:
+        vocab = None
+    except UnicodeDecodeError as e:  # the reader decodes strings only when asked for them
+        raise _corrupt(path, e) from None
     arch = meta.get("general.architecture")
     if arch != "llama":
-        raise CheckpointError(f"{path} is a GGUF of architecture {arch!r}; only 'llama' (Llama 2, SmolLM2, ...) is supported")
+        raise CheckpointError(f"{path} is a GGUF of architecture {repr(arch)[:60]}; only 'llama' (Llama 2, SmolLM2, ...) is supported")
     if reader.byte_order != "I":
         raise CheckpointError(f"{path} is a big-endian GGUF: convert it on a little-endian machine with llama.cpp")
     if not reader.tensors:
@@ -314,13 +325,15 @@ def open_gguf(path: Path) -> LazyCheckpoint:
         refs = _rename(tensor_files.gguf_tensors(reader, path), "gguf", path)
     except TensorFileError as e:
         raise _corrupt(path, e) from None
-    try:
-        vocab = read_vocab(reader)
-    except VocabError:
-        vocab = None
     emb = refs.get("tok_embeddings.weight")
-    vocab_size = emb.shape[0] if emb is not None else int(meta.get("llama.vocab_size", 0)) or None
+    vocab_size = emb.shape[0] if emb is not None else meta.get("llama.vocab_size")
     args = _args_from(path, ModelArgs.from_gguf_metadata, meta, vocab_size, tie_embeddings="output.weight" not in refs)
+    tokens = (vocab or {}).get("tokenizer.ggml.tokens")
+    ids = {"bos": args.bos_id, "eos": args.eos_id, "padding": args.pad_id}
+    outside = [k for k, i in ids.items() if tokens is not None and i is not None and i >= len(tokens)]
+    if outside:  # the embedding may have padding rows; the vocabulary must name these tokens
+        raise CheckpointError(f"{path}: tokenizer.ggml.{outside[0]}_token_id {ids[outside[0]]} is past its vocabulary "
+                              f"of {len(tokens)} tokens: the file is damaged, convert the model again with llama.cpp")
     template = (vocab or {}).get("tokenizer.chat_template")
     return LazyCheckpoint(
         args=args, pieces={name: [ref] for name, ref in refs.items()}, source="gguf", path=path, gguf_vocab=vocab,
@@ -385,6 +398,14 @@ def detect(path: str | Path) -> tuple[str, Path]:
         "a folder with config.json + model.safetensors or pytorch_model.bin (Hugging Face), or a .gguf file")
 
 
+def checkpoint_paths(path: str | Path) -> list[Path]:
+    """Where the checkpoint at path lives: the path given, the one its format reads and, for a
+    folder, each entry in it (symlinks unresolved: the caller resolves). An export writes none of them."""
+    path = Path(path).expanduser()
+    _, found = detect(path)
+    return [path, found, *(sorted(found.iterdir()) if found.is_dir() else [])]
+
+
 # ---- validation and the entry point ----------------------------------------------
 
 def _describe(a: ModelArgs) -> str:
@@ -392,8 +413,21 @@ def _describe(a: ModelArgs) -> str:
             f"vocab_size={a.vocab_size}, ffn_hidden_dim={a.ffn_hidden_dim}")
 
 
+def _layers_in(names: list[str]) -> int:
+    """How many transformer layers the tensors (Meta names) hold: the highest layer index + 1."""
+    found = [int(m.group(1)) for m in map(re.compile(r"layers\.(\d+)\.").match, names) if m]
+    return max(found) + 1 if found else 0
+
+
 def validate(src: LazyCheckpoint) -> None:
     """Every tensor the config implies is there, floating point and of the right shape; no others."""
+    # The layer count first, from the file's own names: the table of expected tensors below
+    # grows with the config's n_layers, which must not be trusted before it matches the file.
+    held = _layers_in(list(src.pieces))
+    if src.args.n_layers != held:
+        key = {"hf": "num_hidden_layers", "gguf": "llama.block_count"}.get(src.source, "n_layers")
+        raise CheckpointError(f"{src.path}: the config says {key} {src.args.n_layers} but the weights hold {held} "
+                              "layers: config and weights disagree, use the config that came with these weights")
     expected = expected_shapes(src.args)
 
     def label(name: str) -> str:

@@ -167,6 +167,8 @@ _STORAGE_CLASSES = {v: k for k, v in STORAGE_DTYPES.items() if k != "UntypedStor
 ZIP_MAGIC = b"PK\x03\x04"
 ZIP_LOCAL_HEADER = 30  # bytes before the file name in a local file header
 ALIGN = 64  # torch.save starts every storage's bytes at a multiple of this
+# data.pkl holds names, shapes and storage keys: ~0.2 KB a tensor, under 1 MB for a 70B shard
+MAX_PICKLE = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -237,7 +239,7 @@ def open_torch(path: Path) -> Any:
             if len(pkl) != 1:
                 raise TensorFileError(path, f"a torch zip holds one data.pkl, this one {len(pkl)}")
             prefix = pkl[0].removesuffix("data.pkl")
-            if prefix + "byteorder" in z.namelist() and z.read(prefix + "byteorder") != b"little":
+            if prefix + "byteorder" in z.namelist() and _read_member(z, path, prefix + "byteorder", 16) != b"little":
                 return _load_whole(path)
             records = {}
             for info in z.infolist():
@@ -253,11 +255,21 @@ def open_torch(path: Path) -> Any:
                 offset = info.header_offset + ZIP_LOCAL_HEADER + name_len + extra_len
                 _check_within(path, info.filename, offset + info.file_size, size)
                 records[info.filename.removeprefix(prefix + "data/")] = (offset, info.file_size)
-            return _LazyUnpickler(z.read(pkl[0]), path, records).load()
+            return _LazyUnpickler(_read_member(z, path, pkl[0], MAX_PICKLE), path, records).load()
     except TensorFileError:
         raise
     except Exception as e:  # a truncated zip, a bad pickle: all mean "unreadable"
         raise TensorFileError(path, str(e) or type(e).__name__) from None
+
+
+def _read_member(z: zipfile.ZipFile, path: Path, name: str, limit: int) -> bytes:
+    """A zip member's bytes, refused on its declared size before it is inflated (zipfile reads no
+    more than the declared size, so a member that lies about it cannot inflate past it either)."""
+    size = z.getinfo(name).file_size
+    if size > limit:
+        raise TensorFileError(path, f"{name} declares {size} bytes uncompressed, far more than a checkpoint's "
+                                    f"({limit} at most): not a checkpoint (a zip bomb?)")
+    return z.read(name)
 
 
 def _load_whole(path: Path) -> Any:

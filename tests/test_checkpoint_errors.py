@@ -244,6 +244,42 @@ def _case_several_ggufs(tmp):
     return tmp
 
 
+def _case_hf_weight_map_leaves_the_folder(tmp):
+    folder = _tiny(tmp, "hf-sharded")
+    index = folder / "model.safetensors.index.json"
+    d = json.loads(index.read_text())
+    first = next(iter(d["weight_map"]))
+    d["weight_map"][first] = "../../elsewhere/model.safetensors"
+    index.write_text(json.dumps(d))
+    return folder
+
+
+def _case_hf_layers_1e9(tmp):
+    folder = _tiny(tmp, "hf-safetensors")
+    _edit_json(folder / "config.json", num_hidden_layers=10**9)
+    return folder
+
+
+def _case_hf_layers_more_than_the_weights(tmp):
+    folder = _tiny(tmp, "hf-safetensors")
+    _edit_json(folder / "config.json", num_hidden_layers=3)
+    return folder
+
+
+def _case_hf_bos_past_vocab(tmp):
+    folder = _tiny(tmp, "hf-safetensors")
+    _edit_json(folder / "config.json", bos_token_id=128)
+    return folder
+
+
+def _case_meta_zip_bomb(tmp):
+    from test_cli_export_errors import _zip_bomb
+
+    folder = _tiny(tmp, "meta-mp1")
+    _zip_bomb(folder / "consolidated.00.pth")
+    return folder
+
+
 BAD = [  # (make bad input, error type, helpful substring)
     (_case_missing_path, CheckpointError, "does not exist"),
     (_case_empty_folder, CheckpointError, "params.json + consolidated.NN.pth (Meta)"),
@@ -277,6 +313,11 @@ BAD = [  # (make bad input, error type, helpful substring)
     (_case_gguf_missing_tensor, CheckpointError, "missing tensor(s) blk.1.ffn_up.weight (layers.1.feed_forward.w3.weight)"),
     (_case_gguf_iq_type, CheckpointError, "IQ2_XXS; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"),
     (_case_several_ggufs, CheckpointError, "2 .gguf files"),
+    (_case_hf_weight_map_leaves_the_folder, CheckpointError, "not a file name in the checkpoint folder"),
+    (_case_hf_layers_1e9, ConfigError, "num_hidden_layers must be an integer from 1 to 1024, got 1000000000"),
+    (_case_hf_layers_more_than_the_weights, CheckpointError, "num_hidden_layers 3 but the weights hold 2 layers"),
+    (_case_hf_bos_past_vocab, ConfigError, "bos_token_id 128 is outside the vocabulary (vocab_size 128)"),
+    (_case_meta_zip_bomb, CheckpointError, "archive/data.pkl declares 134217728 bytes uncompressed"),
 ]
 
 
@@ -289,3 +330,18 @@ def test_bad_input_gives_one_helpful_line(make, error, text, tmp_path):
     assert isinstance(info.value, UserError)
     assert "\n" not in message and len(message) < 400, message
     assert text in message, message
+
+
+def test_zip_bomb_is_refused_before_it_inflates(tmp_path):
+    """data.pkl declaring 128 MiB: refused on the zip header's size, with a few MB of memory."""
+    import tracemalloc
+
+    folder = _case_meta_zip_bomb(tmp_path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointError, match="zip bomb"):
+            load(folder)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"peak {peak / 2**20:.0f} MiB"

@@ -130,12 +130,13 @@ def test_failure_halfway_leaves_nothing(tiny_hf_checkpoint, tmp_path, monkeypatc
     assert list(tmp_path.iterdir()) == []  # no OUT, no partial folder
 
 
-def test_overwrite_replaces(tiny_hf_checkpoint, tmp_path, capsys):
+def test_overwrite_replaces_a_model_folder(tiny_hf_checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
-    out.mkdir()
+    assert _cli([str(tiny_hf_checkpoint), str(out), "--no-verify"], capsys)[0] == 0
     (out / "old.txt").write_text("old")
     code, _ = _cli([str(tiny_hf_checkpoint), str(out), "--overwrite", "--no-verify"], capsys)
     assert code == 0 and not (out / "old.txt").exists() and (out / "manifest.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .old, .partial or lock left
 
 
 def test_int4_runs_and_stores_its_quality(tiny_hf_checkpoint, tmp_path):

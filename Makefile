@@ -5,9 +5,14 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup
+.PHONY: demo test setup browser
 
-setup: $(STAMP)
+setup: $(STAMP) browser
+
+# The browser test (tests/test_web_page.py) drives Debian's Chromium; never a downloaded browser.
+browser:
+	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+	  || echo "note: could not install chromium (apt-get, as root); the browser test will skip"
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -17,5 +22,5 @@ $(STAMP): setup.cfg pyproject.toml
 demo: $(STAMP)
 	echo "What is the capital of France?" | $(VENV)/bin/llama2-onnx chat
 
-test: $(STAMP)
+test: setup
 	$(VENV)/bin/python -m pytest -q

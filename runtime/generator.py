@@ -1,7 +1,14 @@
-"""Generator: tokenizer + chat format + sampler + stop rules over a Model, batched and streaming."""
+"""Generator: tokenizer + chat format + sampler + stop rules over a Model, batched and streaming.
+
+Threads: one Generator may be shared. Each call keeps its own state (cache, rows, random
+generator); the model runs one step at a time under the Generator's lock, so calls from several
+threads interleave step by step and each gets what it would get alone. A stream can be cancelled
+from any thread (`stream.cancel()`): its loop stops before the next step, finish reason "cancelled".
+"""
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,11 +19,12 @@ import numpy as np
 from llama2_onnx.errors import UserError
 
 from .chat_format import CHAT_FORMATS, Dialog, format_dialog
+from .logprobs import prompt_logprobs as score_prompt, token_logprobs
 from .sampler import SamplingParams, make_rng, sample
-from .session import Model
+from .session import LOAD_STAGES, Model
 from .tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
-FINISH_EOS, FINISH_LENGTH, FINISH_STOP = "eos", "length", "stop"
+FINISH_EOS, FINISH_LENGTH, FINISH_STOP, FINISH_CANCELLED = "eos", "length", "stop", "cancelled"
 
 
 def stop_strings(stop: str | Sequence[str] | None) -> list[str]:
@@ -54,10 +62,17 @@ class GenerationResult:
     finish_reason: str
     prompt_tokens: int
     timings: Timings
+    logprobs: list[float] | None = None  # with logprobs=True: one per token, log-softmax of the raw logits
+    prompt_logprobs: list[float] | None = None  # with prompt_logprobs=True: one per prompt token, the first 0.0
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
-                "prompt_tokens": self.prompt_tokens, "timings": self.timings.to_dict()}
+        d = {"text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
+             "prompt_tokens": self.prompt_tokens, "timings": self.timings.to_dict()}
+        if self.logprobs is not None:
+            d["logprobs"] = self.logprobs
+        if self.prompt_logprobs is not None:
+            d["prompt_logprobs"] = self.prompt_logprobs
+        return d
 
 
 @dataclass
@@ -68,13 +83,26 @@ class _Row:
     text: str = ""  # emitted so far
     pending: str = ""  # decoded but held back: it may be the start of a stop string
     finish: str | None = None
+    logprobs: list[float] = field(default_factory=list)  # per token in `tokens` (when asked for)
+    prompt_logprobs: list[float] | None = None
 
 
 class TextStream:
-    """Iterate for text pieces as they are produced; `result` holds the GenerationResult after."""
+    """Iterate for text pieces as they are produced; `result` holds the GenerationResult after.
 
-    def __init__(self, pieces: Iterator[str], results: list):
+    cancel() may be called from any thread: the loop stops before its next model step and the
+    result's finish_reason is "cancelled" (the text so far is kept)."""
+
+    def __init__(self, pieces: Iterator[str], results: list, cancelled: threading.Event | None = None):
         self._pieces, self._results = pieces, results
+        self._cancelled = cancelled or threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
 
     def __iter__(self) -> Iterator[str]:
         yield from self._pieces
@@ -93,14 +121,22 @@ class Generator:
         self.args = cfg.model
         self.chat_style = cfg.chat_format
         self.pad_id = self.args.pad_id if self.args.pad_id is not None else self.args.eos_id
+        self._lock = threading.Lock()  # one model step at a time (see the module docstring)
 
     @classmethod
-    def from_dir(cls, path: str | Path, **model_kwargs) -> "Generator":
-        """Open a model folder: Model.from_dir(path, **model_kwargs) plus its tokenizer."""
-        model = Model.from_dir(path, **model_kwargs)
+    def from_dir(cls, path: str | Path, progress=None, **model_kwargs) -> "Generator":
+        """Open a model folder: Model.from_dir(path, progress=progress, **model_kwargs) plus its tokenizer.
+
+        progress(stage, done, total), if given, is called as each of session.LOAD_STAGES begins
+        (done = stages finished) and once more as ("ready", total, total)."""
+        model = Model.from_dir(path, progress=progress, **model_kwargs)
         if not model.config.tokenizer:
             raise UserError(f"{path} has no tokenizer; export it again with --tokenizer PATH")
+        if progress:
+            progress("tokenizer", 2, len(LOAD_STAGES))
         tok = load_tokenizer(model.folder, bos_id=model.config.model.bos_id, eos_id=model.config.model.eos_id)
+        if progress:
+            progress("ready", len(LOAD_STAGES), len(LOAD_STAGES))
         return cls(model, tok)
 
     # ---- public API --------------------------------------------------------------
@@ -111,12 +147,17 @@ class Generator:
 
     def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop: str | Sequence[str] = ()) -> GenerationResult | list[GenerationResult]:
-        """Continue one prompt (returns a result) or a batch (returns a list, left-padded together)."""
+                 stop: str | Sequence[str] = (), logprobs: bool = False,
+                 prompt_logprobs: bool = False) -> GenerationResult | list[GenerationResult]:
+        """Continue one prompt (returns a result) or a batch (returns a list, left-padded together).
+
+        logprobs: each result carries its tokens' logprobs (log-softmax of the raw logits, before
+        temperature, top-k, top-p and the penalty); prompt_logprobs: its prompt's as well (each
+        token given those before it; the first, with nothing before it, 0.0 as in Meta's echo)."""
         single = isinstance(prompts, str)
         ids = [self.encode_prompt(p) for p in ([prompts] if single else prompts)]
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
-        results = self.generate_ids(ids, max_new_tokens, params, seed, stop)
+        results = self.generate_ids(ids, max_new_tokens, params, seed, stop, logprobs, prompt_logprobs)
         return results[0] if single else results
 
     def stream(self, prompt: str, **kwargs) -> TextStream:
@@ -140,30 +181,53 @@ class Generator:
 
     # ---- the loop --------------------------------------------------------------------
     def _stream(self, ids: list[list[int]], max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None, stop: str | Sequence[str] = ()) -> TextStream:
+                top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None, stop: str | Sequence[str] = (),
+                logprobs: bool = False, prompt_logprobs: bool = False) -> TextStream:
         params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
         results: list[GenerationResult] = []
-        pieces = (text for _, text in self._steps(ids, max_new_tokens, params, seed, stop_strings(stop), results))
-        return TextStream(pieces, results)
+        cancelled = threading.Event()
+        pieces = (text for _, text in self._steps(ids, max_new_tokens, params, seed, stop_strings(stop), results,
+                                                  cancelled, logprobs, prompt_logprobs))
+        return TextStream(pieces, results, cancelled)
 
-    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
-                     seed: int | None = None, stop: str | Sequence[str] = ()) -> list[GenerationResult]:
-        """Generate from token-id prompts (a left-padded batch); one result per prompt."""
+    def generate_ids(self, prompts: list[list[int]], max_new_tokens: int | Sequence[int], params: SamplingParams,
+                     seed: int | None = None, stop: str | Sequence[str] = (), logprobs: bool = False,
+                     prompt_logprobs: bool = False) -> list[GenerationResult]:
+        """Generate from token-id prompts (a left-padded batch); one result per prompt.
+
+        max_new_tokens: one limit for all rows, or one per row (0 allowed: that row's prompt is
+        only scored); each row is also capped by the context its own prompt leaves."""
         results: list[GenerationResult] = []
-        for _ in self._steps(prompts, max_new_tokens, params, seed, stop_strings(stop), results):
+        for _ in self._steps(prompts, max_new_tokens, params, seed, stop_strings(stop), results,
+                             None, logprobs, prompt_logprobs):
             pass
         return results
 
-    def _steps(self, prompts, max_new_tokens, params, seed, stop, results: list) -> Iterator[tuple[int, str]]:
-        """Yield (row, text) as each row's text is produced; append the results at the end."""
-        if max_new_tokens < 1:
-            raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    def _budgets(self, prompts: list[list[int]], max_new_tokens: int | Sequence[int], scoring: bool) -> list[int]:
+        """Each row's token limit: its max_new_tokens, capped by the context its prompt leaves."""
+        ctx = self.args.max_seq_len
+        if isinstance(max_new_tokens, (int, np.integer)):
+            least = 0 if scoring else 1  # 0 new tokens only makes sense when the prompt is scored
+            if max_new_tokens < least:
+                raise UserError(f"max_new_tokens must be at least {least}, got {max_new_tokens}")
+            max_new_tokens = [int(max_new_tokens)] * len(prompts)
+        limits = list(max_new_tokens)
+        if len(limits) != len(prompts) or min(limits, default=0) < 0:
+            raise ValueError(f"max_new_tokens needs one limit >= 0 per prompt, got {limits}")
+        for p, m in zip(prompts, limits):
+            if len(p) > ctx or (len(p) == ctx and m > 0):
+                raise UserError(f"the prompt is {len(p)} tokens, the model's context is {ctx}; shorten the prompt")
+        return [min(m, ctx - len(p)) for p, m in zip(prompts, limits)]
+
+    def _steps(self, prompts, max_new_tokens, params, seed, stop, results: list,
+               cancelled: threading.Event | None = None, logprobs: bool = False,
+               prompt_logprobs: bool = False) -> Iterator[tuple[int, str]]:
+        """Yield (row, text) as each row's text is produced; append the results at the end.
+        A set `cancelled` stops the loop before its next model step."""
         if not prompts or any(not p for p in prompts):
             raise UserError("the prompt is empty; give some text to continue")
+        budgets = self._budgets(prompts, max_new_tokens, prompt_logprobs)  # per row
         longest = max(len(p) for p in prompts)
-        ctx = self.args.max_seq_len
-        if longest >= ctx:
-            raise UserError(f"the prompt is {longest} tokens, the model's context is {ctx}; shorten the prompt")
         rng = make_rng(seed)
         stop_ids = set(self.args.eos_ids)
         if self.chat_style in CHAT_FORMATS:
@@ -178,12 +242,22 @@ class Generator:
 
         timings = Timings()
         start = time.perf_counter()
-        budget = min(max_new_tokens, ctx - longest)
-        cache = self.model.new_cache(mask, capacity=longest + budget)
-        logits = self.model.step(ids, mask, cache)  # (B, V)
+        budget = max(budgets)  # steps at most; row i stops after budgets[i] tokens
+        cache = self.model.new_cache(mask, capacity=max(len(p) + b for p, b in zip(prompts, budgets)))
+        with self._lock:
+            logits = self.model.step(ids, mask, cache, all_logits=prompt_logprobs)  # (B, V), or (B, S, V)
+        if prompt_logprobs:
+            for i, row in enumerate(rows):
+                row.prompt_logprobs = score_prompt(logits[i, longest - len(row.prompt):], row.prompt)
+            logits = logits[:, -1]  # (B, V): every row ends at the last column
+        for row, b in zip(rows, budgets):
+            if b == 0:  # a prompt that fills the context (or only scored): nothing to generate
+                row.finish = FINISH_LENGTH
+        n = -1
         for n in range(budget):
             history = [r.prompt + r.tokens for r in rows] if params.repetition_penalty != 1.0 else None
             chosen = sample(logits, params, rng, prev_tokens=history)  # (B,)
+            chosen_logprobs = token_logprobs(logits, chosen).tolist() if logprobs else [None] * len(rows)
             now = time.perf_counter()
             if n == 0:
                 timings.prompt_ms = (now - start) * 1000
@@ -191,25 +265,34 @@ class Generator:
                 timings.token_ms.append((now - start) * 1000)
             start = now
             for i, (row, tok) in enumerate(zip(rows, chosen.tolist())):
-                if row.finish is None and (text := self._advance(row, tok, stop_ids, stop)):
+                if row.finish is None and (text := self._advance(row, tok, stop_ids, stop, chosen_logprobs[i])):
                     yield i, text
-            if all(r.finish for r in rows) or n == budget - 1:
+                if row.finish is None and n + 1 == budgets[i]:  # this row's own limit
+                    row.finish = FINISH_LENGTH
+                    if text := self._emit(row, row.pending + row.decoder.flush()):
+                        yield i, text
+            if all(r.finish for r in rows) or n == budget - 1 or (cancelled is not None and cancelled.is_set()):
                 break
             feed = np.array([[t.tokens[-1] if t.finish is None else self.pad_id] for t in rows], np.int64)
-            logits = self.model.step(feed, np.ones_like(feed), cache)
+            with self._lock:
+                logits = self.model.step(feed, np.ones_like(feed), cache)
+        stopped = cancelled is not None and cancelled.is_set() and n < budget - 1  # left early, not at the limit
         for i, row in enumerate(rows):
             if row.finish is None:
-                row.finish = FINISH_LENGTH
+                row.finish = FINISH_CANCELLED if stopped else FINISH_LENGTH
                 if text := self._emit(row, row.pending + row.decoder.flush()):
                     yield i, text
-            results.append(GenerationResult(row.text, row.tokens, row.finish, len(row.prompt), timings))
+            results.append(GenerationResult(row.text, row.tokens, row.finish, len(row.prompt), timings,
+                                            row.logprobs if logprobs else None, row.prompt_logprobs))
 
-    def _advance(self, row: _Row, tok: int, stop_ids: set[int], stop: list[str]) -> str:
-        """Take one sampled token into the row; return the text it releases."""
+    def _advance(self, row: _Row, tok: int, stop_ids: set[int], stop: list[str], logprob: float | None = None) -> str:
+        """Take one sampled token (and its logprob, if kept) into the row; return the text it releases."""
         if tok in stop_ids:
             row.finish = FINISH_EOS
             return self._emit(row, row.pending + row.decoder.flush())
         row.tokens.append(tok)
+        if logprob is not None:
+            row.logprobs.append(logprob)
         row.pending += row.decoder.push(tok)
         if not stop:
             return self._emit(row, row.pending)

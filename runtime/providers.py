@@ -1,9 +1,16 @@
-"""Execution providers: a registry from our short names to ONNX Runtime's, with the package each needs."""
+"""Execution providers: a registry from our short names to ONNX Runtime's, with the package each needs.
+
+A provider that is not in this onnxruntime build is an error naming the package to install.
+One that is there but fails to start (no suitable GPU, a driver or DirectML build too old for
+the graph) falls back to the CPU with a one-line note on stderr (open_with_fallback).
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import onnxruntime as ort
 
@@ -16,13 +23,17 @@ class Provider:
     ort_name: str
     device: str  # OrtValue device type
     package: str  # what to pip install for it
+    advice: str = ""  # added to the fallback note
 
 
 PROVIDERS = {
     p.name: p
     for p in (
         Provider("cuda", "CUDAExecutionProvider", "cuda", "onnxruntime-gpu (pip install 'llama2-onnx[cuda]')"),
-        Provider("dml", "DmlExecutionProvider", "dml", "onnxruntime-directml (Windows)"),
+        Provider("dml", "DmlExecutionProvider", "dml",
+                 "onnxruntime-directml in place of onnxruntime (Windows): pip uninstall -y onnxruntime, "
+                 "then pip install 'llama2-onnx[directml]'",
+                 advice="; an older DirectML build may need a model exported with --opset 18"),
         Provider("cpu", "CPUExecutionProvider", "cpu", "onnxruntime"),
     )
 }
@@ -41,6 +52,32 @@ def resolve(name: str) -> Provider:
     if p.ort_name not in available:
         raise UserError(f"provider {name!r} is not available in this onnxruntime build; install {p.package}")
     return p
+
+
+T = TypeVar("T")
+
+
+def note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def open_with_fallback(open_session: Callable[[Provider], T], provider: Provider,
+                       used: Callable[[T], str], notify: Callable[[str], None] = note) -> tuple[T, Provider]:
+    """open_session(provider), or open_session(cpu) with a one-line note when a non-CPU provider
+    fails to start or ONNX Runtime quietly left it out (used(session): the first provider in use)."""
+    cpu = PROVIDERS["cpu"]
+    try:
+        session = open_session(provider)
+    except Exception as e:  # ORT raises its own types
+        if provider is cpu:
+            raise
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+    else:
+        if provider is cpu or used(session) == provider.ort_name:
+            return session, provider
+        why = f"onnxruntime chose {used(session)}"
+    notify(f"llama2-onnx: the {provider.name} provider did not start ({why[:200]}); running on the CPU{provider.advice}")
+    return open_session(cpu), cpu
 
 
 def physical_cores() -> int:

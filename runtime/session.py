@@ -20,10 +20,14 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from llama2_onnx.errors import UserError
+
 from . import contract, hugepages
 from .folder import FolderConfig, ModelFolderError, check_folder
 from .graph_check import check_graph_io
-from .providers import Provider, physical_cores, resolve
+from .providers import Provider, open_with_fallback, physical_cores, resolve
+
+LOAD_STAGES = ("verify", "session", "tokenizer")  # Generator.from_dir's progress stages, in order
 
 
 @dataclass
@@ -64,7 +68,7 @@ class Model:
     @classmethod
     def from_dir(cls, path: str | Path, provider: str = "auto", threads: int | None = None,
                  io_binding: bool = True, check_hashes: bool | None = None, device_id: int = 0,
-                 huge_pages: bool = True) -> "Model":
+                 huge_pages: bool = True, progress=None, task: str = contract.TASK_GENERATION) -> "Model":
         """Open a model folder written by `llama2-onnx export`.
 
         Checks the manifest (file sizes always; sha256 on the first load of the folder, or
@@ -74,19 +78,35 @@ class Model:
         The session is opened on provider ('auto', 'cpu', 'cuda' or 'dml') with threads
         intra-op threads (default: the physical cores). On the CPU with huge_pages (Linux),
         a background thread then moves the weights into 2 MB pages (wait_for_huge_pages()).
+        A provider that fails to start falls back to the CPU with a one-line note (providers.py).
+        progress(stage, done, total), if given, is called as "verify" and "session" begin (LOAD_STAGES).
+        task: what the caller runs (contract.TASKS); a folder of another task is refused in one line.
         """
         folder = Path(path)
+        if progress:
+            progress("verify", 0, len(LOAD_STAGES))
         config = check_folder(folder, hashes=check_hashes)
+        if config.task != task:
+            raise ModelFolderError(wrong_task(folder, config, task))
         prov = resolve(provider)
+        if progress:
+            progress("session", 1, len(LOAD_STAGES))
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or physical_cores()
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        prov_opts = {"device_id": str(device_id)} if prov.name in ("cuda", "dml") else {}
+        if prov.name == "dml":  # DirectML's rules: no memory patterns, sequential execution
+            opts.enable_mem_pattern = False
+            opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         model_path = folder / contract.MODEL_FILE  # an LFS pointer fails the manifest's size check
+
+        def open_on(p: Provider) -> ort.InferenceSession:
+            p_opts = {"device_id": str(device_id)} if p.name in ("cuda", "dml") else {}
+            return ort.InferenceSession(str(model_path), opts, providers=[(p.ort_name, p_opts)])
+
         try:
-            session = ort.InferenceSession(str(model_path), opts, providers=[(prov.ort_name, prov_opts)])
+            session, prov = open_with_fallback(open_on, prov, used=lambda s: s.get_providers()[0])
         except Exception as e:  # ORT raises its own types; one line for the user
             raise ModelFolderError(f"onnxruntime could not load {model_path}: {str(e).splitlines()[0]}") from None
         check_graph_io(folder, config, session.get_inputs(), session.get_outputs())
@@ -121,14 +141,16 @@ class Model:
         return ort.OrtValue.ortvalue_from_numpy(array, self.provider.device, self.device_id)
 
     # ---- one step ----------------------------------------------------------------
-    def step(self, input_ids: np.ndarray, new_mask: np.ndarray, cache: KVCache) -> np.ndarray:
+    def step(self, input_ids: np.ndarray, new_mask: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """Run input_ids [B, S] (with their mask [B, S]) after the cache; return last logits [B, V].
 
         Position ids count real tokens only, so a left-padded row gets the positions it
-        would have alone; the cache is advanced in place.
+        would have alone; the cache is advanced in place. all_logits=True returns every
+        position's logits instead, [B, S, V] in input_ids' own layout (column s: the logits
+        after input token s; padding columns hold nothing useful): prompt logprobs.
         """
         if self.fused:
-            return self._step_fused(input_ids, new_mask, cache)
+            return self._step_fused(input_ids, new_mask, cache, all_logits)
         b, s = input_ids.shape
         mask = np.concatenate([cache.attention_mask, new_mask.astype(np.int64)], axis=1)  # (B, P+S)
         pos = cache.next_pos[:, None] + np.cumsum(new_mask, axis=1, dtype=np.int64) - 1  # (B, S)
@@ -143,6 +165,8 @@ class Model:
         cache.attention_mask = mask
         cache.next_pos = cache.next_pos + new_mask.sum(axis=1)
         cache.length += s
+        if all_logits:
+            return _every_position(logits, s)
         return np.ascontiguousarray(logits[:, -1, :], dtype=np.float32)
 
     def _run_bound(self, feeds: dict, cache: KVCache) -> np.ndarray:
@@ -165,7 +189,7 @@ class Model:
             binding.bind_ortvalue_input(name, self._to_device(value))
 
     # ---- the fused graph: shared buffers, right-aligned rows ---------------------------------
-    def _step_fused(self, input_ids: np.ndarray, new_mask: np.ndarray, cache: KVCache) -> np.ndarray:
+    def _step_fused(self, input_ids: np.ndarray, new_mask: np.ndarray, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         b, s = input_ids.shape
         counts = new_mask.sum(axis=1).astype(np.int64)  # real tokens per row in this step
         padded = bool((counts != s).any())
@@ -187,6 +211,11 @@ class Model:
             logits, *cache.past = self.session.run(None, feeds)
         cache.next_pos = lengths
         cache.length += s
+        if all_logits:  # back to the caller's left-padded layout: column order[b, k] got logits[b, k]
+            every = _every_position(logits, s)
+            if padded:
+                np.put_along_axis(every, order[:, :, None], every.copy(), axis=1)
+            return every
         last = logits[np.arange(b), counts - 1]  # each row's last real token
         return np.ascontiguousarray(last, dtype=np.float32)
 
@@ -222,3 +251,20 @@ class Model:
             new[:, :, : old.shape[2]] = old
             bigger.append(self._to_device(new) if self.io_binding else new)
         cache.past, cache.capacity, cache.binding = bigger, capacity, None
+
+
+def wrong_task(folder: Path, config: FolderConfig, task: str) -> str:
+    """One line for a folder opened for the wrong task: a classifier given to generate, or the reverse."""
+    if config.task == contract.TASK_CLASSIFICATION:
+        return (f"{folder} is a text classifier (labels {', '.join(config.labels)[:80]}), not a text generator: "
+                f"classify with it (`llama2-onnx classify {folder} --text ...` or runtime.Classifier)")
+    return (f"{folder} is a text generator, not a text classifier: use generate/chat with it, or export a "
+            "LlamaForSequenceClassification checkpoint to classify")
+
+
+def _every_position(logits: np.ndarray, s: int) -> np.ndarray:
+    """A float32 copy of a step's logits [B, S, V], refused where the graph kept only the last position."""
+    if logits.shape[1] != s:
+        raise UserError(f"this model's graph returns logits for {logits.shape[1]} of the step's {s} positions; "
+                        "prompt logprobs need every position (export it again)")
+    return np.array(logits, dtype=np.float32)  # a copy: a decode step's host buffer is reused

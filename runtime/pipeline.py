@@ -1,0 +1,137 @@
+"""The Hugging Face one-liner over an ONNX model folder, without torch or transformers.
+
+    from llama2_onnx import pipeline
+    pipe = pipeline("text-generation", model="out/llama-2-7b")        # no model: the default one
+    pipe("Plants create energy through a process known as photosynthesis.", max_new_tokens=50)
+    # [{"generated_text": "Plants create energy ... photosynthesis. <the continuation>"}]
+
+Outputs and arguments follow transformers' TextGenerationPipeline: a string gives a list of one
+dict, a list of strings a list of such lists; a chat (a list of {"role", "content"} messages,
+encoded with the folder's chat format) gives the messages plus the assistant's reply. Greedy
+unless do_sample=True, which samples with transformers' GenerationConfig defaults (temperature
+1.0, top_k 50, top_p 1.0) unless given; max_new_tokens defaults to 256, max_length counts the
+prompt; return_full_text=False gives the new text only. Tasks are a registry, PIPELINES.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from llama2_onnx.errors import UserError
+
+from .generator import Generator
+from .sampler import SamplingParams
+
+DEFAULT_MAX_NEW_TOKENS = 256  # transformers' text-generation default
+SAMPLING_DEFAULTS = dict(temperature=1.0, top_p=1.0, top_k=50)  # transformers' GenerationConfig defaults
+
+
+class PipelineNotAvailable(UserError, NotImplementedError):
+    """A task this project names but has not built yet."""
+
+
+def _is_chat(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) and bool(x) and isinstance(x[0], dict)
+
+
+class TextGenerationPipeline:
+    task = "text-generation"
+
+    def __init__(self, generator: Generator):
+        self.generator = generator
+        self.tokenizer = generator.tokenizer
+
+    @classmethod
+    def from_dir(cls, model: str | Path | None = None, device: int | str | None = None, **model_kwargs) -> "TextGenerationPipeline":
+        if model is None:
+            from llama2_onnx.assets import default_model_dir
+
+            model = default_model_dir()
+        return cls(Generator.from_dir(model, **_device_kwargs(device), **model_kwargs))
+
+    def __call__(self, text_inputs, *, max_new_tokens: int | None = None, max_length: int | None = None,
+                 do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
+                 top_k: int | None = None, repetition_penalty: float | None = None, return_full_text: bool = True,
+                 seed: int | None = None):
+        single = isinstance(text_inputs, str) or _is_chat(text_inputs)
+        inputs = [text_inputs] if single else list(text_inputs)
+        if not inputs:
+            return []
+        prompts = [self._encode(x) for x in inputs]
+        if max_new_tokens is not None:  # wins over max_length, as in transformers
+            limits = [max_new_tokens] * len(prompts)
+        elif max_length is not None:  # a total, prompt included
+            limits = [max(max_length - len(p), 0) for p in prompts]
+        else:
+            limits = [DEFAULT_MAX_NEW_TOKENS] * len(prompts)
+        if min(limits) < 0:
+            raise UserError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
+        penalty = 1.0 if repetition_penalty is None else repetition_penalty
+        if do_sample:
+            given = dict(temperature=temperature, top_p=top_p, top_k=top_k)
+            params = SamplingParams(**{k: SAMPLING_DEFAULTS[k] if v is None else v for k, v in given.items()},
+                                    repetition_penalty=penalty)
+        else:  # greedy; transformers ignores temperature, top_p and top_k here too
+            params = SamplingParams(repetition_penalty=penalty)
+        results = self.generator.generate_ids(prompts, limits, params, seed=seed)
+        outputs = [[{"generated_text": self._output(x, r.tokens, return_full_text)}] for x, r in zip(inputs, results)]
+        return outputs[0] if single else outputs
+
+    def _encode(self, x) -> list[int]:
+        if _is_chat(x):
+            if x[-1].get("role") == "assistant":
+                raise UserError("a chat ending in an assistant message (a prefill) is not supported; end it with a user message")
+            return self.generator.chat_ids(list(x))
+        if not isinstance(x, str):
+            raise UserError(f"text-generation takes a string, a chat (list of messages) or a list of those, got {type(x).__name__}")
+        ids = self.tokenizer.encode(x, bos=self.generator.model.config.add_bos, eos=False)
+        if not ids:
+            raise UserError("the prompt is empty; give some text to continue")
+        return ids
+
+    def _output(self, x, new_ids: list[int], full: bool):
+        text = self.tokenizer.decode(new_ids)  # transformers decodes the new tokens alone, specials skipped
+        if not full:
+            return text
+        if _is_chat(x):
+            return [dict(m) for m in x] + [{"role": "assistant", "content": text}]
+        return x + text
+
+
+def _device_kwargs(device: int | str | None) -> dict:
+    """transformers' device argument as our provider: None -> auto; -1 or "cpu"; N, "cuda" or "cuda:N"."""
+    if device is None:
+        return {}
+    if device == -1 or device == "cpu":
+        return {"provider": "cpu"}
+    if isinstance(device, int) and device >= 0:
+        return {"provider": "cuda", "device_id": device}
+    if isinstance(device, str) and (device == "cuda" or device.startswith("cuda:")):
+        n = device.partition(":")[2]
+        return {"provider": "cuda", "device_id": int(n) if n.isdigit() else 0}
+    raise UserError(f"device must be None, -1, 'cpu', a GPU index, 'cuda' or 'cuda:N', got {device!r}")
+
+
+def _not_built(task: str, why: str) -> Callable[..., Any]:
+    def refuse(*_args, **_kwargs):
+        raise PipelineNotAvailable(f'pipeline("{task}") is not available yet: {why}')
+    return refuse
+
+
+# task -> factory(model, **kwargs). The sequence classifier joins as "text-classification".
+PIPELINES: dict[str, Callable[..., Any]] = {
+    "text-generation": TextGenerationPipeline.from_dir,
+    "text-classification": _not_built("text-classification", "sequence classification is still to be built "
+                                      "(issue 14); use text-generation"),
+}
+
+
+def pipeline(task: str | None = None, model: str | Path | None = None, **kwargs):
+    """transformers.pipeline(task, model=...) for our model folders. task None means "text-generation";
+    kwargs: device (as transformers'), or Generator.from_dir's (provider, threads, io_binding, ...)."""
+    task = task or "text-generation"
+    factory = PIPELINES.get(task)
+    if factory is None:
+        raise UserError(f"unknown task {task!r}; tasks: {', '.join(sorted(PIPELINES))}")
+    return factory(model, **kwargs)

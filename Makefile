@@ -16,7 +16,7 @@ browser:
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[export,serve,dev]'
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[export,serve,ray,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -55,6 +55,11 @@ def add_arguments(p) -> None:
                    help="run every system in this process (faster start; peak memory figures are then not per system)")
     p.add_argument("--bandwidth-mb", type=int, default=256, help="size of the memory read test (default 256 MB)")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per system and configuration")
+    p.add_argument("--serve", action="store_true",
+                   help="benchmark the HTTP server instead: closed loops of --clients concurrent streamed requests, "
+                        "continuous batching against one request at a time (see benchmarks/serve_bench.py)")
+    p.add_argument("--clients", default="1,4,8", metavar="LIST", help="--serve: concurrent clients (default 1,4,8)")
+    p.add_argument("--requests", type=int, default=3, help="--serve: requests per client (default 3)")
 
 
 def run(args) -> int:
@@ -67,6 +72,8 @@ def run(args) -> int:
         raise UserError(f"--retries must be >= 0 and --noise-limit within 0..1 (got {args.retries}, {args.noise_limit})")
     if args.bandwidth_mb < 1:
         raise UserError(f"--bandwidth-mb must be at least 1, got {args.bandwidth_mb}")
+    if args.serve:
+        return _run_serve(args)
     model = Path(args.model) if args.model else _default_model()
     # with JSON or Markdown on stdout, the human output goes to stderr
     log_to = sys.stderr if "-" in (args.json, args.markdown) else sys.stdout
@@ -93,6 +100,32 @@ def run(args) -> int:
         note = plot(result, args.plot)
         print(note or f"plot written to {args.plot}", file=log_to)
     return 0 if any(r["status"] == "ok" for r in result["rows"]) else 1
+
+
+def _run_serve(args) -> int:
+    import argparse
+    import json
+
+    from .serve_bench import format_markdown, parse_clients, run_serve_benchmark
+
+    try:
+        clients = parse_clients(args.clients)
+    except argparse.ArgumentTypeError as e:
+        raise UserError(str(e)) from None
+    result = run_serve_benchmark(model=Path(args.model) if args.model else None, clients=clients,
+                                 modes=["batching", "serial"], requests=args.requests, prompt_len=args.prompt_len,
+                                 new_tokens=args.new_tokens, threads=args.threads)
+    text = format_markdown(result)
+    print(text)
+    if args.json:
+        data = json.dumps(result, indent=2)
+        if args.json == "-":
+            print(data)
+        else:
+            Path(args.json).write_text(data + "\n")
+    if args.markdown and args.markdown != "-":
+        Path(args.markdown).write_text(text + "\n")
+    return 0
 
 
 def _default_model() -> Path:

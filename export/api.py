@@ -33,6 +33,7 @@ from .precision import Int4Options, quantize_int4
 from .progress import Stages
 from .trace import DEFAULT_OPSET, MIN_OPSET, trace
 from .verify import verify
+from .verify_classifier import verify_classifier
 from .verify_layers import fits_in_memory, verify_layers
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -50,10 +51,11 @@ def build_model(checkpoint: ckpt.Checkpoint, dtype: torch.dtype) -> Transformer:
     with torch.device("meta"):
         model = Transformer(checkpoint.args)
     sd = {k: v.to(dtype) for k, v in checkpoint.state_dict.items()}
-    if checkpoint.args.tie_embeddings:
+    tied = checkpoint.args.tie_embeddings and not checkpoint.args.is_classifier  # a classifier has no vocabulary head
+    if tied:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     model.load_state_dict(sd, strict=True, assign=True)
-    if checkpoint.args.tie_embeddings:
+    if tied:
         model.output.weight = model.tok_embeddings.weight
     return model.eval()
 
@@ -100,6 +102,14 @@ def torch_model(source: ckpt.LazyCheckpoint, dtype: torch.dtype) -> Transformer:
     return build_model(ckpt.Checkpoint(args=source.args, state_dict=state, source=source.source, path=source.path), dtype)
 
 
+def _quantization(int4: Int4Options | None, args) -> dict:
+    """config.json's "quantization": the int4 recipe; a classifier's score head stays float32 (export/graph.py)."""
+    if int4 is None:
+        return {}
+    d = int4.to_dict(args.n_layers)
+    return {**d, "head": "float32 score"} if args.is_classifier else d
+
+
 def _check_options(precision: str, graph: str, trace_graph: bool, opset: int, int4: Int4Options | None) -> None:
     if precision not in PRECISIONS:
         raise UserError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -134,6 +144,8 @@ def export_model(
         source = ckpt.open_checkpoint(checkpoint)  # headers only: tensors are read when written
     with source:
         args = source.args
+        if trace_graph and args.is_classifier:
+            raise UserError("--trace writes causal language models only; drop --trace to export a sequence classifier")
         if max_seq_len is not None:
             args.max_seq_len = max_seq_len
 
@@ -157,8 +169,10 @@ def export_model(
                 cfg = FolderConfig(
                     model=args, precision=precision, graph=graph, opset=opset,
                     chat_format=chat_format or _default_chat_format(source, tok_name),
-                    quantization=int4.to_dict(args.n_layers) if int4 else {}, tokenizer=tok_name or "", add_bos=_add_bos(source, tok_name),
+                    quantization=_quantization(int4, args), tokenizer=tok_name or "", add_bos=_add_bos(source, tok_name),
                     source={"path": str(Path(checkpoint).resolve()), "format": source.source},
+                    task=contract.TASK_CLASSIFICATION if args.is_classifier else contract.TASK_GENERATION,
+                    labels=source.labels, problem_type=source.problem_type,
                 )
                 out_folder.write_configs(tmp, cfg, special)
             if verify_export:
@@ -166,7 +180,7 @@ def export_model(
                 with stages.stage("verify", total=None if full else args.n_layers) as step:
                     if full:
                         reference = torch_model(source, torch.float32)
-                        cfg.verify = verify(tmp, reference)
+                        cfg.verify = (verify_classifier if args.is_classifier else verify)(tmp, reference)
                         del reference
                     else:
                         cfg.verify = verify_layers(source, cfg, on_layer=lambda i: step())

@@ -58,6 +58,9 @@ def run(args) -> int:
     if v.get("mode") == "layers":
         print(f"verify: {v['layers']} layers one at a time, max |diff| from PyTorch {v['max_abs_diff']:.2e} "
               f"(layer {v['worst_layer']}); the whole model did not fit in memory twice")
+    elif v.get("task") == "text-classification":
+        print(f"verify: max |logit diff| {v['max_abs_logit_diff']:.2e}, label agreement {v['label_agreement']:.1%} "
+              f"over {v['sentences']} sentences (PyTorch fp32)")
     elif v:
         print(f"verify: max |logit diff| {v['max_abs_logit_diff']:.2e}, top-1 agreement {v['top1_agreement']:.1%}, "
               f"greedy {v['greedy_agreement']}/{v['greedy_tokens']} tokens, perplexity {v['perplexity']:.3f} "

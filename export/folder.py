@@ -71,7 +71,8 @@ def tokenizer_config(cfg: FolderConfig, special: dict[str, str]) -> dict:
 
 def write_configs(folder: Path, cfg: FolderConfig, special: dict[str, str]) -> None:
     (folder / contract.CONFIG_FILE).write_text(cfg.to_json())
-    (folder / contract.GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(cfg), indent=2))
+    if cfg.task == contract.TASK_GENERATION:  # onnxruntime-genai runs decoders, not classifiers
+        (folder / contract.GENAI_CONFIG_FILE).write_text(json.dumps(genai_config(cfg), indent=2))
     (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(cfg, special), indent=2))
 
 

@@ -17,6 +17,11 @@ Weights: fp32 or fp16 MatMul weights stored transposed ([in, out]); a tied head 
 embedding's table itself behind a Transpose (ONNX Runtime folds it at load). int4 is
 MatMulNBits (export/blockquant.py) with the recipe in `Quant`: 4 bits, and 8 for the head and
 the groups where 4 cost SmolLM2 the most perplexity (BENCHMARKS.md has the table).
+
+A sequence classifier (args.num_labels: LlamaForSequenceClassification) is the same decoder without a
+KV cache: positions come from the attention mask (portable), each row's last real token is picked
+(`_pool`, models/llama.last_token_index) and its final hidden state goes through the `score` head,
+kept in float32 whatever the precision (num_labels x dim weights: nothing to gain by shrinking them).
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ class DecoderGraph:
             raise ValueError(f"graph must be one of {contract.GRAPHS}, got {graph!r}")
         self.a, self.read, self.w = args, read, writer
         self.graph, self.precision, self.opset, self.whole = graph, precision, opset, whole
+        self.classifier = whole and args.is_classifier  # the layers-only graph keeps the decoder's I/O
         self._embedding_table: str | None = None  # initializer name, once written
         self.quant = quant if precision == "int4" else None
         self.dtype = np.dtype(NP_DTYPES[precision])
@@ -179,6 +185,12 @@ class DecoderGraph:
         allowed = self.w.node("And", [causal, real])  # [B, 1, S, T]
         return self.w.node("Where", [allowed, self.w.const(0.0, np.float32), self.w.const(np.finfo(np.float32).min, np.float32)])
 
+    def _mask_positions(self) -> str:
+        """Position ids [B, S] counting each row's real tokens (runtime/session.py's rule): cumsum(mask) - 1, from 0."""
+        w = self.w
+        counted = w.node("CumSum", [contract.ATTENTION_MASK, w.const(1)])
+        return w.node("Max", [w.node("Sub", [counted, w.const(1)]), w.const(0)])
+
     def _portable_attention(self, x: str, i: int, cos: str, sin: str, bias: str) -> str:
         a, p = self.a, f"layers.{i}.attention"
         h, kvh, hd = a.n_heads, a.n_kv_heads, a.head_dim
@@ -187,8 +199,11 @@ class DecoderGraph:
         v = self.w.node("Reshape", [self.linear(x, [f"{p}.wv.weight"], f"{p}.wv"), self.w.const([0, 0, kvh, hd])])
         q, k = self._rotate(q, h, cos, sin), self._rotate(k, kvh, cos, sin)
         q, k, v = (self.w.node("Transpose", [t], perm=[0, 2, 1, 3]) for t in (q, k, v))  # [B, heads, S, hd]
-        keys = self.w.node("Concat", [contract.PAST_KEY % i, k], [contract.PRESENT_KEY % i], axis=2)
-        values = self.w.node("Concat", [contract.PAST_VALUE % i, v], [contract.PRESENT_VALUE % i], axis=2)
+        if self.classifier:  # one pass, no cache
+            keys, values = k, v
+        else:
+            keys = self.w.node("Concat", [contract.PAST_KEY % i, k], [contract.PRESENT_KEY % i], axis=2)
+            values = self.w.node("Concat", [contract.PAST_VALUE % i, v], [contract.PRESENT_VALUE % i], axis=2)
         if h != kvh:  # grouped-query: each KV head serves h / kvh query heads
             rep = self.w.const([1, 1, h // kvh, 1, 1])
             expand = lambda t: self.w.node("Reshape", [self.w.node("Expand", [self.w.node("Unsqueeze", [t, self.w.const([2])]), rep]),
@@ -204,6 +219,9 @@ class DecoderGraph:
     def _io(self) -> tuple[list, list]:
         """The graph's inputs and outputs (runtime/contract.py), or the layers-only variant's."""
         a, dt, seq = self.a, self.dtype, [contract.BATCH, contract.SEQ]
+        if self.classifier:
+            return ([value(contract.INPUT_IDS, np.int64, seq), value(contract.ATTENTION_MASK, np.int64, seq)],
+                    [value(contract.LOGITS, np.float32, [contract.BATCH, a.num_labels])])
         kv = [contract.BATCH, a.n_kv_heads, None, a.head_dim]
         first = value(contract.INPUT_IDS, np.int64, seq) if self.whole else value(HIDDEN, dt, [*seq, a.dim])
         inputs = [first, value(contract.ATTENTION_MASK, np.int64, [contract.BATCH, contract.TOTAL])]
@@ -218,7 +236,7 @@ class DecoderGraph:
         a = self.a
         first = contract.INPUT_IDS if self.whole else HIDDEN
         h = self.embedding(first) if self.whole else HIDDEN
-        cos, sin = self._rotary_tables(contract.POSITION_IDS)
+        cos, sin = self._rotary_tables(self._mask_positions() if self.classifier else contract.POSITION_IDS)
         bias = self._attention_bias(first, contract.ATTENTION_MASK)
         for i in range(a.n_layers):
             h = self.w.node("Add", [h, self._portable_attention(self.rms_norm(h, f"layers.{i}.attention_norm.weight"), i, cos, sin, bias)])
@@ -251,11 +269,13 @@ class DecoderGraph:
         for i in range(a.n_layers):
             p = f"layers.{i}.attention"
             qkv = self.linear(x, [f"{p}.wq.weight", f"{p}.wk.weight", f"{p}.wv.weight"], f"{p}.wqkv")
-            attn = w.node("GroupQueryAttention",
-                          [qkv, "", "", contract.PAST_KEY % i, contract.PAST_VALUE % i, seqlens_k, total, cos, sin],
-                          ["attn_%d" % i, contract.PRESENT_KEY % i, contract.PRESENT_VALUE % i], domain="com.microsoft",
+            past = ["", ""] if self.classifier else [contract.PAST_KEY % i, contract.PAST_VALUE % i]
+            present = [] if self.classifier else [contract.PRESENT_KEY % i, contract.PRESENT_VALUE % i]
+            attn = w.node("GroupQueryAttention", [qkv, "", "", *past, seqlens_k, total, cos, sin],
+                          ["attn_%d" % i, *present], domain="com.microsoft",
                           num_heads=a.n_heads, kv_num_heads=a.n_kv_heads, scale=hd ** -0.5, do_rotary=1,
-                          rotary_interleaved=1, local_window_size=-1)[0]
+                          rotary_interleaved=1, local_window_size=-1)
+            attn = attn if self.classifier else attn[0]  # node() gives a name for one output, a list for three
             o = self.linear(attn, [f"{p}.wo.weight"], f"{p}.wo")
             x, _, _, h = w.node("SkipSimplifiedLayerNormalization", [h, o, norm_w(f"layers.{i}.ffn_norm.weight")], 4,
                                 domain="com.microsoft", epsilon=a.norm_eps)
@@ -271,7 +291,30 @@ class DecoderGraph:
             self._final(x)
 
     def _final(self, x: str) -> None:
-        self.w.node("Identity", [self.head(x)], [contract.LOGITS])
+        """x: the final norm's output [B, S, dim]."""
+        if self.classifier:
+            self.w.node("Identity", [self._score(self._pool(x))], [contract.LOGITS])
+        else:
+            self.w.node("Identity", [self.head(x)], [contract.LOGITS])
+
+    def _pool(self, x: str) -> str:
+        """x [B, S, dim] at each row's last real token -> [B, dim] (models/llama.last_token_index): the largest
+        index whose mask is 1 and, with a pad_id, whose token is not the pad token (transformers' pooling)."""
+        w, ids, mask = self.w, contract.INPUT_IDS, contract.ATTENTION_MASK
+        keep = mask
+        if self.a.pad_id is not None:
+            real = w.node("Cast", [w.node("Not", [w.node("Equal", [ids, w.const(self.a.pad_id)])])], to=onnx.TensorProto.INT64)
+            keep = w.node("Mul", [keep, real])
+        s = w.node("Gather", [w.node("Shape", [ids]), w.const(1)], axis=0)
+        index = w.node("Mul", [w.node("Range", [w.const(0), s, w.const(1)]), keep])  # [B, S]: position or 0
+        last = w.node("ArgMax", [index], axis=1, keepdims=1)  # [B, 1]; the first of ties: 0 for a row of padding
+        return w.node("GatherND", [x, last], batch_dims=1)  # [B, dim]
+
+    def _score(self, pooled: str) -> str:
+        """The classifier head in float32: [B, dim] -> logits [B, num_labels]."""
+        score = self.read("score.weight").float()  # [num_labels, dim]
+        weight = self.w.weight("score", lambda: score.t().contiguous().numpy(), np.float32, (self.a.dim, self.a.num_labels))
+        return self.w.node("MatMul", [self._cast(pooled, F32), weight])
 
     def on_layer(self, i: int) -> None:
         """Called after each layer's weights are written (progress)."""

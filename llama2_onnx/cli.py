@@ -19,6 +19,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("llama2_onnx.export.cli", "convert a Llama checkpoint (Meta .pth, HF safetensors, GGUF) to an ONNX model folder"),
     "generate": ("llama2_onnx.runtime.cli_generate", "generate text from a prompt with an exported model"),
     "chat": ("llama2_onnx.runtime.cli_chat", "chat with an exported model (the default model when none is given)"),
+    "classify": ("llama2_onnx.runtime.cli_classify", "label texts with an exported sequence classifier (LlamaForSequenceClassification)"),
+    "serve": ("llama2_onnx.serve.cli", "serve a model over HTTP: the OpenAI API, Azure ML /score, metrics (the default model when none is given)"),
+    "score": ("llama2_onnx.serve.cli_score", "answer an OpenAI Batch file or Azure ML batch CSV files without a server; restartable"),
     "bench": ("llama2_onnx.benchmarks.cli", "benchmark prompt and decode speed, with and without I/O binding, against peers"),
 }
 

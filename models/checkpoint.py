@@ -32,7 +32,7 @@ from llama2_onnx.errors import UserError
 
 from . import tensor_files
 from .checkpoint_layout import IGNORED, expected_shapes, hf_to_meta, rope_heads, shard_dim, source_name, to_meta_name
-from .config import ConfigError, ModelArgs, load_json
+from .config import PROBLEM_TYPES, ConfigError, ModelArgs, hf_labels, load_json
 from .gguf_vocab import VocabError, read_vocab
 from .tensor_files import TensorFileError, TensorRef
 
@@ -50,6 +50,8 @@ class Checkpoint:
     tokenizer_files: list[Path] = field(default_factory=list)  # tokenizer.model / tokenizer.json beside the weights
     gguf_vocab: dict[str, Any] | None = None  # GGUF tokenizer.* fields, for gguf_vocab.write_tokenizer
     chat_format: str | None = None  # "llama2" | "chatml" | None (unknown)
+    labels: list[str] = field(default_factory=list)  # a classifier's labels by id (HF id2label)
+    problem_type: str | None = None  # a classifier's HF problem_type, if its config names one
 
 
 @dataclass
@@ -65,6 +67,8 @@ class LazyCheckpoint:
     gguf_vocab: dict[str, Any] | None = None
     chat_format: str | None = None
     rope_to_meta: Callable[[torch.Tensor, int], torch.Tensor] | None = None  # q/k layout fix applied by read
+    labels: list[str] = field(default_factory=list)  # a classifier's labels by id (args.num_labels of them)
+    problem_type: str | None = None  # a classifier's HF problem_type (regression, single/multi_label_classification)
 
     @property
     def names(self) -> list[str]:
@@ -270,6 +274,10 @@ def open_hf(folder: Path) -> LazyCheckpoint:
         refs.update(_rename(_open_weights(f), "hf", f))
     if args.tie_embeddings:
         refs.pop("output.weight", None)  # a tied lm_head saved anyway is the embedding again
+    problem = cfg.get("problem_type") if args.is_classifier else None
+    if problem is not None and problem not in PROBLEM_TYPES:
+        raise ConfigError(f"{folder}: problem_type {str(problem)[:60]!r} is not one of {', '.join(PROBLEM_TYPES)}: "
+                          "fix it in config.json (the one that came with the weights)")
     template = None
     if (folder / "tokenizer_config.json").is_file():
         try:
@@ -281,6 +289,7 @@ def open_hf(folder: Path) -> LazyCheckpoint:
         tokenizer_files=[folder / t for t in TOKENIZER_FILES if (folder / t).is_file()],
         chat_format=_chat_format(template if isinstance(template, str) else None,
                                  [folder.name, str(cfg.get("_name_or_path", ""))]),
+        labels=hf_labels(cfg) if args.is_classifier else [], problem_type=problem,
     )
 
 
@@ -289,6 +298,7 @@ def open_hf(folder: Path) -> LazyCheckpoint:
 GGUF_MAGIC = b"GGUF"
 # What we dequantize (gguf.quants has these since gguf 0.10); the IQ types are refused.
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+GGUF_LABELS = "llama.classifier.output_labels"  # a classifier's labels by id
 _VOCAB_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"}
 
 
@@ -325,9 +335,14 @@ def open_gguf(path: Path) -> LazyCheckpoint:
         refs = _rename(tensor_files.gguf_tensors(reader, path), "gguf", path)
     except TensorFileError as e:
         raise _corrupt(path, e) from None
-    emb = refs.get("tok_embeddings.weight")
+    emb, score = refs.get("tok_embeddings.weight"), refs.get("score.weight")
     vocab_size = emb.shape[0] if emb is not None else meta.get("llama.vocab_size")
-    args = _args_from(path, ModelArgs.from_gguf_metadata, meta, vocab_size, tie_embeddings="output.weight" not in refs)
+    num_labels = score.shape[0] if score is not None and len(score.shape) == 2 else None  # llama.cpp's cls.output
+    args = _args_from(path, ModelArgs.from_gguf_metadata, meta, vocab_size, tie_embeddings="output.weight" not in refs,
+                      num_labels=num_labels)
+    labels = meta.get(GGUF_LABELS) if num_labels else None
+    if num_labels and not (isinstance(labels, list) and len(labels) == num_labels and all(isinstance(x, str) for x in labels)):
+        labels = [f"LABEL_{i}" for i in range(num_labels)]
     tokens = (vocab or {}).get("tokenizer.ggml.tokens")
     ids = {"bos": args.bos_id, "eos": args.eos_id, "padding": args.pad_id}
     outside = [k for k, i in ids.items() if tokens is not None and i is not None and i >= len(tokens)]
@@ -337,7 +352,7 @@ def open_gguf(path: Path) -> LazyCheckpoint:
     template = (vocab or {}).get("tokenizer.chat_template")
     return LazyCheckpoint(
         args=args, pieces={name: [ref] for name, ref in refs.items()}, source="gguf", path=path, gguf_vocab=vocab,
-        chat_format=_chat_format(template, [path.name, str(meta.get("general.name", ""))]),
+        chat_format=_chat_format(template, [path.name, str(meta.get("general.name", ""))]), labels=labels or [],
     )
 
 
@@ -438,7 +453,14 @@ def validate(src: LazyCheckpoint) -> None:
         more = f" and {len(names) - 2} more" if len(names) > 2 else ""
         return ", ".join(map(label, names[:2])) + more
 
+    if "score.weight" in src.pieces and "score.weight" not in expected and "output.weight" not in src.pieces:
+        raise CheckpointError(f"{src.path} holds a classification head ({label('score.weight')}) but its config does not "
+                              "name a classifier: a Hugging Face config.json needs \"architectures\": "
+                              "[\"LlamaForSequenceClassification\"] and its id2label")
     missing = [n for n in expected if n not in src.pieces]
+    if "score.weight" in missing and "output.weight" in src.pieces:
+        raise CheckpointError(f"{src.path}: its config names a sequence classifier but the weights hold a language-model "
+                              f"head ({label('output.weight')}) and no {label('score.weight')}: config and weights disagree")
     if missing:
         raise CheckpointError(f"{src.path} is missing tensor(s) {some(missing)}: "
                               "the checkpoint is incomplete, download it again")
@@ -474,4 +496,5 @@ def load(path: str | Path) -> Checkpoint:
         return Checkpoint(
             args=src.args, state_dict={n: src.read(n) for n in src.names}, source=src.source, path=src.path,
             tokenizer_files=src.tokenizer_files, gguf_vocab=src.gguf_vocab, chat_format=src.chat_format,
+            labels=src.labels, problem_type=src.problem_type,
         )

@@ -37,6 +37,8 @@ TENSOR_NAMES: list[tuple[str, str, str]] = [
     ("layers.{i}.ffn_norm.weight",         "model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
     ("norm.weight",                        "model.norm.weight",                             "output_norm.weight"),
     ("output.weight",                      "lm_head.weight",                                "output.weight"),
+    # a sequence classifier's head (LlamaForSequenceClassification) in place of output: [num_labels, dim]
+    ("score.weight",                       "score.weight",                                  "cls.output.weight"),
 ]
 
 # Buffers some checkpoints carry that are not weights (recomputed by our decoder).
@@ -48,7 +50,7 @@ IGNORED = {
 
 # Meta's model parallelism: column-parallel layers are split on dim 0 (output features),
 # row-parallel layers and the embedding on dim 1; norms (absent here) are replicated.
-SHARD_DIM = {"tok_embeddings": 1, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w2": 1, "w3": 0, "output": 0}
+SHARD_DIM = {"tok_embeddings": 1, "wq": 0, "wk": 0, "wv": 0, "wo": 1, "w1": 0, "w2": 1, "w3": 0, "output": 0, "score": 0}
 
 # The ModelArgs field giving the head count by which q and k are permuted for rotary.
 ROPE_HEADS = {"wq": "n_heads", "wk": "n_kv_heads"}
@@ -98,7 +100,8 @@ def rope_heads(meta_name: str, args: ModelArgs) -> int | None:
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Every weight of the model in Meta names with its shape; no output.weight when tied."""
+    """Every weight of the model in Meta names with its shape; no output.weight when tied; a
+    classifier's score.weight in place of output.weight."""
     kv_dim = args.n_kv_heads * args.head_dim
     per_layer = {
         "attention.wq.weight": (args.n_heads * args.head_dim, args.dim),
@@ -115,7 +118,9 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     for i in range(args.n_layers):
         shapes.update({f"layers.{i}.{k}": v for k, v in per_layer.items()})
     shapes["norm.weight"] = (args.dim,)
-    if not args.tie_embeddings:
+    if args.is_classifier:
+        shapes["score.weight"] = (args.num_labels, args.dim)
+    elif not args.tie_embeddings:
         shapes["output.weight"] = (args.vocab_size, args.dim)
     return shapes
 

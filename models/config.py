@@ -40,9 +40,9 @@ class ConfigError(UserError, ValueError):
 # low enough that what is sized from the config before any weight is read stays small: the ort
 # graph's rotary tables (max_seq_len x head_dim/2, twice), the KV cache, the table of expected tensors.
 INT_LIMITS = {"dim": 2**16, "n_layers": 2**10, "n_heads": 2**10, "n_kv_heads": 2**10, "vocab_size": 2**22,
-              "multiple_of": 2**16, "ffn_hidden_dim": 2**18, "max_seq_len": 2**20}
+              "multiple_of": 2**16, "ffn_hidden_dim": 2**18, "max_seq_len": 2**20, "num_labels": 2**16}
 MAX_SEQ_LEN = INT_LIMITS["max_seq_len"]
-OPTIONAL = ("n_kv_heads", "ffn_hidden_dim", "ffn_dim_multiplier", "pad_id")  # None allowed: derived or absent
+OPTIONAL = ("n_kv_heads", "ffn_hidden_dim", "ffn_dim_multiplier", "pad_id", "num_labels")  # None allowed: derived or absent
 TOKEN_IDS = ("bos_id", "eos_id", "pad_id")
 
 
@@ -105,6 +105,9 @@ class ModelArgs:
     eos_id: int = 2
     pad_id: int | None = None
     extra_eos_ids: list[int] = field(default_factory=list)  # e.g. ChatML's <|im_end|>
+    # A sequence classifier (HF LlamaForSequenceClassification): the `score` head's rows, in place of
+    # the vocabulary head. None: a causal language model.
+    num_labels: int | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -123,6 +126,10 @@ class ModelArgs:
     def n_rep(self) -> int:
         """How many query heads share one key/value head."""
         return self.n_heads // self.n_kv_heads
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.num_labels is not None
 
     @property
     def eos_ids(self) -> list[int]:
@@ -203,11 +210,18 @@ class ModelArgs:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
-        """A Hugging Face LlamaForCausalLM config.json."""
+        """A Hugging Face LlamaForCausalLM or LlamaForSequenceClassification config.json."""
         fix = "fix it in config.json (the one that came with the weights)"
         arch = cfg.get("model_type")
         if arch not in (None, "llama"):
             raise ConfigError(f"config.json is for model_type {_show(arch)}; only 'llama' is supported")
+        heads = cfg.get("architectures") or []
+        if not isinstance(heads, list):
+            raise ConfigError(f"architectures must be a list, got {_show(heads)}: {fix}")
+        other = [h for h in heads if h not in HF_ARCHITECTURES]
+        if other and any(str(h).startswith("LlamaFor") for h in other):
+            raise ConfigError(f"architecture {_show(other[0])} is not supported; only "
+                              f"{' and '.join(HF_ARCHITECTURES)}")
         rope = cfg.get("rope_scaling") or {}
         params = cfg.get("rope_parameters") or {}  # transformers 5 folds rope_theta in here
         for key, value in (("rope_scaling", rope), ("rope_parameters", params)):
@@ -234,6 +248,7 @@ class ModelArgs:
                 eos_id=eos_list[0] if eos_list[0] is not None else 2,
                 extra_eos_ids=[e for e in eos_list[1:] if e is not None],
                 pad_id=cfg.get("pad_token_id"),
+                num_labels=len(hf_labels(cfg)) if HF_CLASSIFIER in heads else None,
             )
         except KeyError as e:
             raise ConfigError(f"config.json has no {e.args[0]!r}") from None
@@ -244,8 +259,10 @@ class ModelArgs:
         return args
 
     @classmethod
-    def from_gguf_metadata(cls, meta: dict[str, Any], vocab_size: int | None, tie_embeddings: bool) -> "ModelArgs":
-        """GGUF key/values (plain Python values) of architecture 'llama'."""
+    def from_gguf_metadata(cls, meta: dict[str, Any], vocab_size: int | None, tie_embeddings: bool,
+                           num_labels: int | None = None) -> "ModelArgs":
+        """GGUF key/values (plain Python values) of architecture 'llama'; num_labels: the rows of
+        its classifier head (cls.output), None when it has none."""
         arch = meta.get("general.architecture")
         if arch != "llama":
             raise ConfigError(f"GGUF architecture {_show(arch)} is not supported; only 'llama'")
@@ -262,7 +279,7 @@ class ModelArgs:
                 tie_embeddings=tie_embeddings,
                 bos_id=meta.get("tokenizer.ggml.bos_token_id", 1),
                 eos_id=meta.get("tokenizer.ggml.eos_token_id", 2),
-                pad_id=meta.get("tokenizer.ggml.padding_token_id"),
+                pad_id=meta.get("tokenizer.ggml.padding_token_id"), num_labels=num_labels,
             )
         except KeyError as e:
             raise ConfigError(f"GGUF metadata has no {e.args[0]!r}") from None
@@ -273,13 +290,37 @@ class ModelArgs:
 HF_KEYS = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
            "n_kv_heads": "num_key_value_heads", "ffn_hidden_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
            "max_seq_len": "max_position_embeddings", "tie_embeddings": "tie_word_embeddings",
-           "bos_id": "bos_token_id", "eos_id": "eos_token_id", "extra_eos_ids": "eos_token_id", "pad_id": "pad_token_id"}
+           "bos_id": "bos_token_id", "eos_id": "eos_token_id", "extra_eos_ids": "eos_token_id", "pad_id": "pad_token_id",
+           "num_labels": "id2label"}
 GGUF_KEYS = {"dim": "llama.embedding_length", "n_layers": "llama.block_count", "n_heads": "llama.attention.head_count",
              "n_kv_heads": "llama.attention.head_count_kv", "ffn_hidden_dim": "llama.feed_forward_length",
              "norm_eps": "llama.attention.layer_norm_rms_epsilon",
              "rope_theta": "llama.rope.freq_base", "max_seq_len": "llama.context_length",
              "bos_id": "tokenizer.ggml.bos_token_id", "eos_id": "tokenizer.ggml.eos_token_id",
              "pad_id": "tokenizer.ggml.padding_token_id"}
+
+
+HF_CLASSIFIER = "LlamaForSequenceClassification"
+HF_ARCHITECTURES = ("LlamaForCausalLM", HF_CLASSIFIER)
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+def hf_labels(cfg: dict[str, Any]) -> list[str]:
+    """A classifier config's labels in id order, as transformers reads them: id2label; an explicit
+    num_labels that disagrees with it wins with LABEL_i names; neither gives transformers' default two."""
+    id2label, n = cfg.get("id2label"), cfg.get("num_labels")
+    fix = "fix id2label in config.json (the one that came with the weights)"
+    if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+        raise ConfigError(f"num_labels must be a positive integer, got {_show(n)}: {fix}")
+    if id2label is None or (n is not None and isinstance(id2label, dict) and n != len(id2label)):
+        return [f"LABEL_{i}" for i in range(2 if n is None else n)]
+    if not isinstance(id2label, dict) or not id2label:
+        raise ConfigError(f"id2label must be an object of label names by id, got {_show(id2label)}: {fix}")
+    want = {str(i) for i in range(len(id2label))}
+    if set(map(str, id2label)) != want or not all(isinstance(v, str) for v in id2label.values()):
+        raise ConfigError(f"id2label must name ids 0 to {len(id2label) - 1} with strings, got {_show(id2label)}: {fix}")
+    by_id = {str(k): v for k, v in id2label.items()}
+    return [by_id[str(i)] for i in range(len(by_id))]
 
 
 def meta_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:

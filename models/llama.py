@@ -11,6 +11,11 @@ come in as arguments and the present ones (past + new) go out.
         position_ids    int64 [B, S]
         past_key_values [(k, v)] * n_layers, each [B, n_kv_heads, P, head_dim]
     -> logits float32 [B, S, vocab], presents [(k, v)] * n_layers, each [B, n_kv_heads, P + S, head_dim]
+
+A sequence classifier (args.num_labels set: Hugging Face's LlamaForSequenceClassification) has a
+`score` head [num_labels, dim] in place of `output`: forward gives each position's label logits
+[B, S, num_labels] and classify() pools them at each row's last real token as transformers does
+(last_token_index).
 """
 
 from __future__ import annotations
@@ -120,6 +125,22 @@ def attention_bias(attention_mask: torch.Tensor, seq_len: int) -> torch.Tensor:
     return torch.where(allowed, zero, torch.finfo(torch.float32).min)
 
 
+def last_token_index(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """Each row's last real token [B]: the rightmost position whose mask is 1 and, when the model has a
+    pad_token_id, whose token is not it.
+
+    transformers (GenericForSequenceClassification) pools at argmax(arange(S) * (input_ids != pad_token_id))
+    -- the rightmost non-pad token, left or right padding alike, 0 for a row of pad tokens only -- and without
+    a pad_token_id takes position -1 and refuses batches larger than one. The mask term agrees with both
+    wherever transformers answers, and lets a model without a pad token take padded batches.
+    """
+    keep = attention_mask.bool()
+    if pad_id is not None:
+        keep = keep & (input_ids != pad_id)
+    idx = torch.arange(input_ids.shape[1], device=input_ids.device)
+    return (idx * keep).argmax(-1)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -127,9 +148,16 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        if args.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        if args.is_classifier:  # LlamaForSequenceClassification's head: no vocabulary head at all
+            self.score = nn.Linear(args.dim, args.num_labels, bias=False)
+        else:
+            self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+            if args.tie_embeddings:
+                self.output.weight = self.tok_embeddings.weight
+
+    @property
+    def head(self) -> nn.Linear:
+        return self.score if self.args.is_classifier else self.output
 
     def forward(self, input_ids, attention_mask, position_ids, past_key_values: list[KV]):
         h = self.tok_embeddings(input_ids)  # (B, S, dim)
@@ -139,8 +167,16 @@ class Transformer(nn.Module):
         for layer, past in zip(self.layers, past_key_values):
             h, present = layer(h, cos, sin, mask, past)
             presents.append(present)
-        logits = self.output(self.norm(h)).float()  # (B, S, vocab), always float32
+        logits = self.head(self.norm(h)).float()  # (B, S, vocab or num_labels), always float32
         return logits, presents
+
+    def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """A classifier's logits [B, num_labels] for a padded batch (left or right padding) without cache:
+        positions count each row's real tokens, the logits are taken at last_token_index."""
+        pos = (attention_mask.long().cumsum(1) - 1).clamp(min=0)  # (B, S)
+        logits, _ = self(input_ids, attention_mask, pos, self.empty_cache(input_ids.shape[0]))  # (B, S, num_labels)
+        last = last_token_index(input_ids, attention_mask, self.args.pad_id)
+        return logits[torch.arange(input_ids.shape[0]), last]
 
     def empty_cache(self, batch: int, dtype: torch.dtype | None = None) -> list[KV]:
         """Past key/values of length 0, for the prompt pass."""

@@ -8,6 +8,9 @@ scripts that need checkpoints of a given size without downloading one.
     write_gguf(state_dict, args, path, qtype="F32")              one .gguf file, llama metadata + vocab
     random_state_dict(args, seed)                                seeded weights with sane scales
 
+A classifier (``args.num_labels``, Hugging Face's LlamaForSequenceClassification) has ``score.weight``
+in place of ``output.weight`` (random_state_dict makes it); write_hf and write_gguf take its labels.
+
 The state dict is in Meta's names and rotary layout, as ``checkpoint.load`` returns it;
 with ``args.tie_embeddings`` an ``output.weight`` in it is ignored.
 """
@@ -82,6 +85,8 @@ def write_meta(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: st
     """params.json + consolidated.NN.pth, split into n_shards like Meta's model parallelism."""
     if args.tie_embeddings:
         raise ValueError("Meta's format has no tied embeddings")
+    if args.is_classifier:
+        raise ValueError("Meta's format has no classifiers")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "params.json").write_text(json.dumps(meta_params(args), indent=2))
@@ -100,10 +105,22 @@ def write_meta(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: st
 
 # ---- Hugging Face -----------------------------------------------------------------
 
-def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict[str, Any]:
-    """config.json of a transformers LlamaForCausalLM."""
+def default_labels(args: ModelArgs) -> list[str]:
+    return [f"LABEL_{i}" for i in range(args.num_labels or 0)]
+
+
+def hf_config(args: ModelArgs, dtype: torch.dtype, labels: list[str] | None = None) -> dict[str, Any]:
+    """config.json of a transformers LlamaForCausalLM, or LlamaForSequenceClassification with its
+    labels (default LABEL_i) when args.num_labels is set."""
+    classifier = {}
+    if args.is_classifier:
+        labels = labels or default_labels(args)
+        if len(labels) != args.num_labels:
+            raise ValueError(f"{len(labels)} labels for num_labels {args.num_labels}")
+        classifier = {"id2label": {str(i): x for i, x in enumerate(labels)}, "label2id": {x: i for i, x in enumerate(labels)}}
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": ["LlamaForSequenceClassification" if args.is_classifier else "LlamaForCausalLM"], **classifier,
+        "model_type": "llama",
         "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim,
         "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
         "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
@@ -129,7 +146,7 @@ def pack_shards(sizes: dict[str, int], max_bytes: int | None) -> list[list[str]]
 
 
 def write_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str | Path,
-             max_shard_bytes: int | None = None, safetensors: bool = True) -> Path:
+             max_shard_bytes: int | None = None, safetensors: bool = True, labels: list[str] | None = None) -> Path:
     """config.json + model.safetensors (or pytorch_model.bin with safetensors=False).
 
     With max_shard_bytes: model-0000x-of-0000y.safetensors and model.safetensors.index.json
@@ -142,7 +159,7 @@ def write_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: str 
         heads = rope_heads(name, args)
         hf[source_name(name, "hf")] = (meta_to_hf(t, heads) if heads else t).contiguous()
     dtype = next(iter(hf.values())).dtype
-    (out / "config.json").write_text(json.dumps(hf_config(args, dtype), indent=2))
+    (out / "config.json").write_text(json.dumps(hf_config(args, dtype, labels), indent=2))
     stem, ext = ("model", "safetensors") if safetensors else ("pytorch_model", "bin")
     groups = pack_shards({k: v.numel() * v.element_size() for k, v in hf.items()}, max_shard_bytes)
     files = [f"{stem}.{ext}"] if len(groups) == 1 else [f"{stem}-{k + 1:05d}-of-{len(groups):05d}.{ext}" for k in range(len(groups))]
@@ -196,7 +213,7 @@ GGUF_QTYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")  # 
 
 
 def write_gguf(state_dict: dict[str, torch.Tensor], args: ModelArgs, path: str | Path, qtype: str = "F32",
-               vocab: dict[str, Any] | None = None) -> Path:
+               vocab: dict[str, Any] | None = None, labels: list[str] | None = None) -> Path:
     """One GGUF file (architecture 'llama'): matrices in qtype (one of GGUF_QTYPES), norms in F32.
 
     vocab: GGUF tokenizer.* fields (as ``gguf_vocab.read_vocab`` returns them); default
@@ -226,6 +243,8 @@ def write_gguf(state_dict: dict[str, torch.Tensor], args: ModelArgs, path: str |
     w.add_file_type(LlamaFileType.ALL_F32 if qtype == "F32" else LlamaFileType[f"MOSTLY_{qtype}"])
     for key, value in (vocab if vocab is not None else minimal_vocab(args)).items():
         add_gguf_value(w, key, value)
+    if args.is_classifier:  # llama.cpp's classifier key; the head is cls.output.weight
+        w.add_array("llama.classifier.output_labels", labels or default_labels(args))
     for name, t in _weights(state_dict, args).items():
         arr = t.detach().float().numpy()
         if arr.ndim == 1 or qt == GGMLQuantizationType.F32:  # norms stay F32, as llama.cpp writes them

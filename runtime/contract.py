@@ -24,6 +24,17 @@ The past may be a buffer of any capacity >= total_sequence_length, bound as the 
 (onnxruntime-genai's past_present_share_buffer): the step writes its keys and values in place at each
 row's length. With separate buffers the present is max(past capacity, total_sequence_length) long,
 the past copied into it (a growing cache, as in the portable graph).
+
+Sequence classifier (config task "text-classification", Hugging Face's LlamaForSequenceClassification;
+Optimum's text-classification names), either graph kind, no KV cache:
+
+    in  input_ids                    int64 [batch_size, sequence_length]
+    in  attention_mask               int64 [batch_size, sequence_length]  1 = token, 0 = padding;
+                                     portable: left or right padding (positions count real tokens);
+                                     ort: right padding only (each row's tokens first)
+    out logits                       float32 [batch_size, num_labels]  at each row's last real token: the
+                                     rightmost position with mask 1 and, when config.json's model has a
+                                     pad_id, a token other than it (transformers' pooling)
 """
 
 from __future__ import annotations
@@ -32,6 +43,8 @@ FORMAT_VERSION = 1
 GRAPH_PORTABLE = "portable"
 GRAPH_ORT = "ort"
 GRAPHS = (GRAPH_PORTABLE, GRAPH_ORT)
+TASK_GENERATION, TASK_CLASSIFICATION = "text-generation", "text-classification"
+TASKS = (TASK_GENERATION, TASK_CLASSIFICATION)
 
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 
@@ -51,10 +64,12 @@ def present_names(n_layers: int) -> list[str]:
     return [name % i for i in range(n_layers) for name in (PRESENT_KEY, PRESENT_VALUE)]
 
 
-def input_names(n_layers: int, graph: str = GRAPH_PORTABLE) -> list[str]:
+def input_names(n_layers: int, graph: str = GRAPH_PORTABLE, task: str = TASK_GENERATION) -> list[str]:
+    if task == TASK_CLASSIFICATION:
+        return [INPUT_IDS, ATTENTION_MASK]
     ids = [INPUT_IDS, ATTENTION_MASK] + ([POSITION_IDS] if graph == GRAPH_PORTABLE else [])
     return [*ids, *past_names(n_layers)]
 
 
-def output_names(n_layers: int) -> list[str]:
-    return [LOGITS, *present_names(n_layers)]
+def output_names(n_layers: int, task: str = TASK_GENERATION) -> list[str]:
+    return [LOGITS] if task == TASK_CLASSIFICATION else [LOGITS, *present_names(n_layers)]

@@ -44,6 +44,9 @@ class FolderConfig:
     quantization: dict[str, Any] = field(default_factory=dict)  # int4: bits, block_size, accuracy_level
     source: dict[str, Any] = field(default_factory=dict)  # checkpoint path and format
     verify: dict[str, Any] = field(default_factory=dict)  # export.verify's figures
+    task: str = contract.TASK_GENERATION  # or a sequence classifier's "text-classification" (model.num_labels set)
+    labels: list[str] = field(default_factory=list)  # a classifier's labels by id, model.num_labels of them
+    problem_type: str | None = None  # a classifier's transformers problem_type, when its checkpoint names one
 
     @property
     def kv_dtype(self) -> str:
@@ -51,7 +54,8 @@ class FolderConfig:
 
     def to_json(self) -> str:
         d = asdict(self)
-        d["io"] = {"inputs": contract.input_names(self.model.n_layers, self.graph), "outputs": contract.output_names(self.model.n_layers)}
+        n, task = self.model.n_layers, self.task
+        d["io"] = {"inputs": contract.input_names(n, self.graph, task), "outputs": contract.output_names(n, task)}
         return json.dumps(d, indent=2)
 
     @classmethod
@@ -69,6 +73,12 @@ class FolderConfig:
             raise ConfigError(f"{folder / contract.CONFIG_FILE} is malformed ({e})") from None
         if cfg.precision not in PRECISIONS or cfg.graph not in contract.GRAPHS:
             raise ModelFolderError(f"{folder}: unsupported precision {cfg.precision!r} or graph kind {cfg.graph!r}")
+        classifier = cfg.task == contract.TASK_CLASSIFICATION
+        if cfg.task not in contract.TASKS or classifier != cfg.model.is_classifier or (
+                classifier and (not isinstance(cfg.labels, list) or len(cfg.labels) != cfg.model.num_labels
+                                or not all(isinstance(x, str) for x in cfg.labels))):
+            raise ModelFolderError(f"{folder / contract.CONFIG_FILE}: task {str(cfg.task)[:40]!r}, model num_labels "
+                                   f"{cfg.model.num_labels} and labels do not agree; export the model again")
         return cfg
 
 

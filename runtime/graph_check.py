@@ -27,14 +27,16 @@ def _names(want: list[str], have: list[str]) -> str:
 def check_graph_io(folder: Path, config: FolderConfig, inputs: list, outputs: list) -> None:
     """inputs/outputs: the session's NodeArgs (name, shape, type). Raise ModelFolderError when they
     are not what config.json says: names for its n_layers and graph kind, KV tensors
-    [batch, n_kv_heads, length, head_dim] of the precision's dtype, logits [batch, seq, vocab_size]."""
+    [batch, n_kv_heads, length, head_dim] of the precision's dtype, logits [batch, seq, vocab_size]
+    (a classifier's: logits [batch, num_labels] and no KV tensors)."""
     a = config.model
     says = (f"{folder / contract.CONFIG_FILE} does not match {contract.MODEL_FILE} (config: n_layers {a.n_layers}, "
             f"graph {config.graph!r}, n_kv_heads {a.n_kv_heads}, head_dim {a.head_dim}, vocab_size {a.vocab_size}, "
             f"precision {config.precision})")
     fix = "restore the folder's config.json or export the model again"
-    for kind, want, have in (("inputs", contract.input_names(a.n_layers, config.graph), [i.name for i in inputs]),
-                             ("outputs", contract.output_names(a.n_layers), [o.name for o in outputs])):
+    task = config.task
+    for kind, want, have in (("inputs", contract.input_names(a.n_layers, config.graph, task), [i.name for i in inputs]),
+                             ("outputs", contract.output_names(a.n_layers, task), [o.name for o in outputs])):
         if sorted(want) != sorted(have):
             raise ModelFolderError(f"{says}: the graph's {kind} {_names(want, have)}; {fix}")
     kv_type = ORT_TYPES[config.kv_dtype]
@@ -43,7 +45,10 @@ def check_graph_io(folder: Path, config: FolderConfig, inputs: list, outputs: li
             continue
         logits = arg.name == contract.LOGITS
         # None for a symbolic dim: only fixed sizes are compared
-        want = [None, None, a.vocab_size] if logits else [None, a.n_kv_heads, None, a.head_dim]
+        if logits and a.is_classifier:
+            want = [None, a.num_labels]
+        else:
+            want = [None, None, a.vocab_size] if logits else [None, a.n_kv_heads, None, a.head_dim]
         have = [d if isinstance(d, int) else None for d in (arg.shape or [])]
         shape_ok = len(have) == len(want) and all(w is None or h is None or h == w for w, h in zip(want, have))
         if not shape_ok or arg.type != ("tensor(float)" if logits else kv_type):

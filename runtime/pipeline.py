@@ -4,6 +4,8 @@
     pipe = pipeline("text-generation", model="out/llama-2-7b")        # no model: the default one
     pipe("Plants create energy through a process known as photosynthesis.", max_new_tokens=50)
     # [{"generated_text": "Plants create energy ... photosynthesis. <the continuation>"}]
+    pipeline("text-classification", model="out/llama-2-sentiment")("I loved it.")   # runtime/classifier.py
+    # [{"label": "POSITIVE", "score": 0.97}]
 
 Outputs and arguments follow transformers' TextGenerationPipeline: a string gives a list of one
 dict, a list of strings a list of such lists; a chat (a list of {"role", "content"} messages,
@@ -20,15 +22,12 @@ from typing import Any, Callable
 
 from llama2_onnx.errors import UserError
 
+from .classifier import UNSET, Classifier, TextClassificationPipeline
 from .generator import Generator
 from .sampler import SamplingParams
 
 DEFAULT_MAX_NEW_TOKENS = 256  # transformers' text-generation default
 SAMPLING_DEFAULTS = dict(temperature=1.0, top_p=1.0, top_k=50)  # transformers' GenerationConfig defaults
-
-
-class PipelineNotAvailable(UserError, NotImplementedError):
-    """A task this project names but has not built yet."""
 
 
 def _is_chat(x: Any) -> bool:
@@ -113,17 +112,21 @@ def _device_kwargs(device: int | str | None) -> dict:
     raise UserError(f"device must be None, -1, 'cpu', a GPU index, 'cuda' or 'cuda:N', got {device!r}")
 
 
-def _not_built(task: str, why: str) -> Callable[..., Any]:
-    def refuse(*_args, **_kwargs):
-        raise PipelineNotAvailable(f'pipeline("{task}") is not available yet: {why}')
-    return refuse
+def _text_classification(model: str | Path | None, *, device: int | str | None = None, top_k: Any = UNSET,
+                         function_to_apply: str | None = None, **model_kwargs) -> TextClassificationPipeline:
+    """pipeline("text-classification", model=FOLDER): an exported LlamaForSequenceClassification
+    (runtime/classifier.py); top_k and function_to_apply as transformers' pipeline takes them."""
+    if model is None:
+        raise UserError('pipeline("text-classification") needs model=FOLDER: a LlamaForSequenceClassification '
+                        "checkpoint exported with `llama2-onnx export` (the default model generates text)")
+    return TextClassificationPipeline(Classifier.from_dir(model, **_device_kwargs(device), **model_kwargs),
+                                      top_k=top_k, function_to_apply=function_to_apply)
 
 
-# task -> factory(model, **kwargs). The sequence classifier joins as "text-classification".
+# task -> factory(model, **kwargs)
 PIPELINES: dict[str, Callable[..., Any]] = {
     "text-generation": TextGenerationPipeline.from_dir,
-    "text-classification": _not_built("text-classification", "sequence classification is still to be built "
-                                      "(issue 14); use text-generation"),
+    "text-classification": _text_classification,
 }
 
 

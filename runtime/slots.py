@@ -1,0 +1,200 @@
+"""Slots: a fixed number of independent sequences sharing one model, for continuous batching.
+
+A slot is one row of the KV cache. A sequence takes a free slot, runs its prompt through
+`prefill` (in chunks of any size), then one token per `decode` step together with the other
+busy slots; when it ends the slot is freed and a new sequence can take it between two steps.
+Each slot keeps its own length, so the rows of a decode step may be at different positions.
+
+    slots = make_slots(model, n_slots=8)        # FusedSlots for graph "ort", else PortableSlots
+    logits = slots.prefill(3, prompt_ids)        # (S, V): every position of this chunk
+    logits = slots.decode([0, 3], [t0, t3])      # (2, V): one token each for slots 0 and 3
+    slots.free(3)
+
+FusedSlots (the fused graph, GroupQueryAttention with one buffer per layer bound as both past
+and present): each layer's cache is ONE buffer [n_slots, n_kv_heads, capacity, head_dim] and a
+slot is a row of it. A row holds its tokens from position 0 (right-aligned, as the graph wants),
+and the attention mask tells GroupQueryAttention each row's length, so it reads only that row's
+tokens and writes the new keys and values at that row's end, in place.
+  - prefill(slot, ids) binds a batch-1 view of row `slot` (pointer + offset into every buffer:
+    no copy) with a mask of length+S ones. A first chunk has mask width == S, which GQA reads as
+    "cache empty"; a later chunk (past > 0, S > 1) continues at the row's length.
+  - decode(slots, tokens) runs rows [0, k), k = highest slot + 1 (the engine takes the lowest
+    free slot, so k stays small). A row not decoding (free, or midway through its prompt) gets a
+    pad token and length+1: the step writes one junk position just past its end, which nothing
+    reads and its next write overwrites, and its length does not advance.
+  The IOBindings (one per slot for prefill, one per k for decode) are made once; a step rebinds
+  only its ids and mask.
+
+PortableSlots (the portable graph, whose past and present are separate growing tensors): one
+batch-1 host cache per slot, and a decode step runs the busy slots one after another. Correct and
+simple; no batched compute (the fused graph is the one to serve with).
+
+Numerics: every row of a step computes exactly what it would compute alone (tests/test_serve_engine.py
+checks prefill chunking and decode batching against Model.step bit for bit on the CPU).
+"""
+
+from __future__ import annotations
+
+import mmap
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from . import contract
+from .session import Model
+
+
+class Slots:
+    """What both kinds share: per-slot lengths and the checks of the caller's requests."""
+
+    def __init__(self, model: Model, n_slots: int, capacity: int | None = None):
+        a = model.config.model
+        if n_slots < 1:
+            raise ValueError(f"n_slots must be at least 1, got {n_slots}")
+        self.model, self.n_slots = model, n_slots
+        self.capacity = min(capacity or a.max_seq_len, a.max_seq_len)  # tokens a slot holds at most
+        self.vocab_size = a.vocab_size
+        self.pad_id = a.pad_id if a.pad_id is not None else a.eos_id
+        self.lengths = np.zeros(n_slots, np.int64)  # tokens in each slot's cache
+
+    def free(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
+    def _check_prefill(self, slot: int, ids: Sequence[int]) -> np.ndarray:
+        ids = np.asarray(ids, np.int64).reshape(1, -1)  # (1, S)
+        if ids.shape[1] == 0:
+            raise ValueError("prefill needs at least one token")
+        if self.lengths[slot] + ids.shape[1] > self.capacity:
+            raise ValueError(f"slot {slot}: {self.lengths[slot]} + {ids.shape[1]} tokens exceed its capacity of {self.capacity}")
+        return ids
+
+    def _check_decode(self, slots: Sequence[int], tokens: Sequence[int]) -> None:
+        if len(slots) != len(tokens) or not slots or len(set(slots)) != len(slots):
+            raise ValueError("decode needs distinct slots and one token for each")
+        lengths = self.lengths[list(slots)]
+        if (lengths < 1).any() or (lengths >= self.capacity).any():
+            raise ValueError(f"decode: slots {list(slots)} hold {lengths.tolist()} tokens; need 1 to {self.capacity - 1}")
+
+
+class FusedSlots(Slots):
+    """Rows of the fused graph's shared KV buffers as slots (see the module docstring)."""
+
+    def __init__(self, model: Model, n_slots: int, capacity: int | None = None):
+        super().__init__(model, n_slots, capacity)
+        a = model.config.model
+        self.dtype = np.dtype(model.config.kv_dtype)
+        self.row_shape = (a.n_kv_heads, self.capacity, a.head_dim)
+        self.device, self.device_id = model.provider.device, model.device_id
+        self.on_cpu = self.device == "cpu"
+        shape = (n_slots, *self.row_shape)
+        # On the CPU NumPy arrays over anonymous mmaps (tests can look inside); else device memory.
+        self.buffers = [_zeros_4k(shape, self.dtype) if self.on_cpu else
+                        ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, self.device_id)
+                        for _ in contract.past_names(a.n_layers)]
+        self._row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
+        self._names = list(zip(contract.past_names(a.n_layers), contract.present_names(a.n_layers)))
+        self.step_logits = np.empty((n_slots, 1, a.vocab_size), np.float32)  # where decode steps write
+        self._prefill_bindings = [self._bind_rows(s, 1) for s in range(n_slots)]
+        self._decode_bindings = [None] + [self._bind_rows(0, k) for k in range(1, n_slots + 1)]
+        for k in range(1, n_slots + 1):
+            self._decode_bindings[k].bind_output(contract.LOGITS, "cpu", 0, np.float32, [k, 1, a.vocab_size],
+                                                 self.step_logits.ctypes.data)
+
+    def _ptr(self, buf) -> int:
+        return buf.ctypes.data if self.on_cpu else buf.data_ptr()
+
+    def _bind_rows(self, first: int, count: int):
+        """An IOBinding whose past and present are rows [first, first + count) of every buffer."""
+        binding = self.model.session.io_binding()
+        binding.bind_output(contract.LOGITS, "cpu")  # first: get_outputs()[0] in prefill
+        shape = [count, *self.row_shape]
+        for (past, present), buf in zip(self._names, self.buffers):
+            ptr = self._ptr(buf) + first * self._row_bytes
+            binding.bind_input(past, self.device, self.device_id, self.dtype, shape, ptr)
+            binding.bind_output(present, self.device, self.device_id, self.dtype, shape, ptr)  # same memory: in place
+        return binding
+
+    def _bind_feeds(self, binding, ids: np.ndarray, mask: np.ndarray) -> None:
+        for name, value in ((contract.INPUT_IDS, ids), (contract.ATTENTION_MASK, mask)):
+            if self.on_cpu:
+                binding.bind_cpu_input(name, value)
+            else:
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, self.device, self.device_id))
+
+    def prefill(self, slot: int, ids: Sequence[int]) -> np.ndarray:
+        """Run ids after slot's cached tokens; return the logits of every one of them (S, V)."""
+        ids = self._check_prefill(slot, ids)  # (1, S)
+        total = int(self.lengths[slot]) + ids.shape[1]
+        mask = np.ones((1, total), np.int64)  # width == S on the first chunk: GQA's "empty cache"
+        binding = self._prefill_bindings[slot]
+        self._bind_feeds(binding, ids, mask)
+        binding.bind_output(contract.LOGITS, "cpu")
+        self.model.session.run_with_iobinding(binding)
+        self.lengths[slot] = total
+        return binding.get_outputs()[0].numpy()[0]  # (S, V)
+
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        """One token for each of slots; return their next-token logits (len(slots), V), valid until
+        the next decode (it may be a view of the buffer the step writes)."""
+        self._check_decode(slots, tokens)
+        k = max(slots) + 1
+        ids = np.full((k, 1), self.pad_id, np.int64)  # (k, 1)
+        ids[list(slots), 0] = tokens
+        lengths = self.lengths[:k] + 1  # (k,) after the step; rows not decoding write one junk position
+        if (lengths > self.capacity).any():
+            raise ValueError(f"decode: a row in [0, {k}) is full ({self.lengths[:k].tolist()})")
+        mask = (np.arange(int(lengths.max()))[None, :] < lengths[:, None]).astype(np.int64)  # (k, longest)
+        binding = self._decode_bindings[k]
+        self._bind_feeds(binding, ids, mask)
+        self.model.session.run_with_iobinding(binding)
+        rows = list(slots)
+        self.lengths[rows] += 1
+        if rows == list(range(k)):
+            return self.step_logits[:k, 0]  # (k, V), a view: valid until the next decode
+        return self.step_logits[rows, 0]  # (n, V)
+
+
+class PortableSlots(Slots):
+    """The portable graph: one batch-1 host cache per slot; decode runs the slots one by one."""
+
+    def __init__(self, model: Model, n_slots: int, capacity: int | None = None):
+        super().__init__(model, n_slots, capacity)
+        a = model.config.model
+        self._past_names = contract.past_names(a.n_layers)
+        empty = np.zeros((1, a.n_kv_heads, 0, a.head_dim), np.dtype(model.config.kv_dtype))
+        self._empty = [empty] * len(self._past_names)
+        self.past = [list(self._empty) for _ in range(n_slots)]  # per slot: 2 * n_layers arrays (1, kv, L, hd)
+
+    def free(self, slot: int) -> None:
+        super().free(slot)
+        self.past[slot] = list(self._empty)
+
+    def _run(self, slot: int, ids: np.ndarray) -> np.ndarray:
+        start, s = int(self.lengths[slot]), ids.shape[1]
+        feeds = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: np.ones((1, start + s), np.int64),
+                 contract.POSITION_IDS: np.arange(start, start + s, dtype=np.int64)[None, :]}
+        feeds.update(zip(self._past_names, self.past[slot]))
+        logits, *self.past[slot] = self.model.session.run(None, feeds)
+        self.lengths[slot] = start + s
+        return logits[0]  # (S, V)
+
+    def prefill(self, slot: int, ids: Sequence[int]) -> np.ndarray:
+        return self._run(slot, self._check_prefill(slot, ids))
+
+    def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
+        self._check_decode(slots, tokens)
+        return np.stack([self._run(s, np.array([[t]], np.int64))[-1] for s, t in zip(slots, tokens)])
+
+
+def _zeros_4k(shape: tuple, dtype: np.dtype) -> np.ndarray:
+    """Zeros in 4 KB pages that become memory only when written. Not np.zeros: NumPy asks for
+    transparent huge pages on large arrays, and one head of one row spans 2 MB at a context of
+    8192, so the first token written to a row would make the whole row resident (377 MB for
+    SmolLM2) and pay for zeroing it."""
+    return np.frombuffer(mmap.mmap(-1, int(np.prod(shape)) * dtype.itemsize), dtype).reshape(shape)
+
+
+def make_slots(model: Model, n_slots: int, capacity: int | None = None) -> Slots:
+    cls = FusedSlots if model.fused else PortableSlots
+    return cls(model, n_slots, capacity)

@@ -1,0 +1,54 @@
+"""The Azure ML online-endpoint contract of the Llama 2 model card (POST /score).
+
+    {"input_data": {"input_string": ["the meaning of life is", ...],
+                    "parameters": {"temperature": 0.5, "top_p": 0.5, "max_new_tokens": 10, "do_sample": true}}}
+    -> [{"0": "the meaning of life is <its continuation>", "1": ...}]     one record, a key per prompt
+
+    {"input_data": {"input_string": [{"role": "user", "content": "..."}], "parameters": {...}}}
+    -> {"output": "<the assistant's answer>"}
+
+Parameters are Hugging Face generate()'s: do_sample false (the default) is greedy; with
+do_sample true, temperature, top_p and top_k default to Hugging Face's 1.0, 1.0 and 50.
+return_full_text (default true) puts the prompt before the continuation, as the card's sample
+output shows; max_new_tokens defaults to 128, clipped to the context left.
+"""
+
+from __future__ import annotations
+
+from .schemas import ScoreParameters, ScoreRequest
+from .service import Sampling, Service, check_finish
+
+DEFAULT_MAX_NEW_TOKENS = 128
+HF_TOP_K = 50
+
+
+def _request(service: Service, ids: list[int], p: ScoreParameters, param: str):
+    if p.do_sample:
+        params = service.params(Sampling(p.temperature, p.top_p, p.top_k, p.repetition_penalty), default_top_k=HF_TOP_K)
+    else:
+        params = service.params(Sampling(0.0, None, None, p.repetition_penalty))
+    asked = DEFAULT_MAX_NEW_TOKENS if p.max_new_tokens is None else p.max_new_tokens
+    n = service.budget(len(ids), asked, explicit=p.max_new_tokens is not None, param=param)
+    return service.make_request(ids, n, params)
+
+
+async def score(service: Service, req: ScoreRequest) -> list[dict] | dict:
+    data, p = req.input_data, req.input_data.parameters
+    if req.is_chat:
+        ids = service.chat_ids(data.input_string, param="input_data.input_string")
+        (fin,) = await service.submit([_request(service, ids, p, "input_data.input_string")]).wait()
+        check_finish(fin, service.timeout_s)
+        return {"output": fin.text}
+    prompts = list(data.input_string)
+    params = [f"input_data.input_string[{i}]" for i in range(len(prompts))]
+    requests = [_request(service, service.prompt_ids(text, param), p, param) for text, param in zip(prompts, params)]
+    group = service.submit(requests)
+    finished = await group.wait()
+    full = p.return_full_text is not False
+    record = {}
+    for i, (prompt, fin) in enumerate(zip(prompts, finished)):
+        check_finish(fin, service.timeout_s)
+        first = group.tokens[i][0].token if group.tokens[i] else None
+        text = service.lead_space(first, fin.text)
+        record[str(i)] = prompt + text if full else text
+    return [record]

@@ -1,0 +1,192 @@
+"""The OpenAI routes' work, framework-free: validated request -> response body or chunk stream.
+
+    body = await chat_completion(service, req)          # the chat.completion object
+    chunks = chat_chunks(service, req)                  # submits now (errors raise here), then
+    async for chunk in chunks: ...                      # chat.completion.chunk dicts
+
+Shapes follow the OpenAI API: chat logprobs are choices[].logprobs.content[] entries
+{token, logprob, bytes, top_logprobs}; completion logprobs are the legacy {tokens,
+token_logprobs, top_logprobs (dicts), text_offset}, with text_offset counted in the returned
+text. echo puts the prompt (and its tokens' logprobs, the first null) before the completion.
+A stream that fails after it started (time limit, engine error) ends with an {"error": ...}
+chunk, as vLLM does, since its status line has already been sent.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from typing import AsyncIterator
+
+from .engine import FinishEvent, TokenEvent
+from .errors import APIError, bad_request
+from .schemas import ChatCompletionRequest, CompletionRequest
+from .service import RunGroup, Service, check_finish
+from .tokens import TokenTexts
+
+FLOOR = -9999.0  # a logprob of -inf, as OpenAI writes it (JSON has no infinity)
+
+
+def _lp(x: float | None) -> float | None:
+    return None if x is None else (float(x) if math.isfinite(x) else FLOOR)
+
+
+def _usage(finished: list[FinishEvent]) -> dict:
+    p = sum(f.prompt_tokens for f in finished)
+    c = sum(f.completion_tokens for f in finished)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+# ---- logprobs shapes ------------------------------------------------------------------------
+
+
+def chat_logprob(texts: TokenTexts, event: TokenEvent) -> dict:
+    def entry(token: int, lp: float | None) -> dict:
+        return {"token": texts.text(token), "logprob": _lp(lp), "bytes": list(texts.bytes(token))}
+    return {**entry(event.token, event.logprob), "top_logprobs": [entry(t, lp) for t, lp in event.top_logprobs or []]}
+
+
+def legacy_logprobs(texts: TokenTexts, tokens: list[TokenEvent], *, start: int = 0,
+                    prompt: tuple[int, ...] = (), prompt_logprobs: list[float | None] | None = None) -> dict:
+    """The completions shape. start: where the completion begins in the returned text; with
+    prompt/prompt_logprobs (echo) the prompt's tokens come first, from offset 0."""
+    ids = list(prompt) + [t.token for t in tokens]
+    offsets = texts.offsets(list(prompt)) + texts.offsets([t.token for t in tokens], start)
+    tops: list[dict | None] = []
+    for i, (tok, lp) in enumerate(zip(prompt, prompt_logprobs or [None] * len(prompt))):
+        tops.append(None if i == 0 or lp is None else {texts.text(tok): _lp(lp)})
+    for t in tokens:
+        top = {texts.text(tok): _lp(lp) for tok, lp in t.top_logprobs or []}
+        top.setdefault(texts.text(t.token), _lp(t.logprob))
+        tops.append(top)
+    lps = [_lp(x) for x in (prompt_logprobs or [None] * len(prompt))] + [_lp(t.logprob) for t in tokens]
+    return {"tokens": [texts.text(i) for i in ids], "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+# ---- chat -------------------------------------------------------------------------------------
+
+
+def _head(kind: str, service: Service) -> dict:
+    prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": service.model_id,
+            "system_fingerprint": None}
+
+
+async def chat_completion(service: Service, req: ChatCompletionRequest) -> dict:
+    group = service.submit([service.chat_request(req)])
+    (fin,) = await group.wait()
+    check_finish(fin, service.timeout_s)
+    logprobs = {"content": [chat_logprob(service.texts, t) for t in group.tokens[0]]} if req.logprobs else None
+    choice = {"index": 0, "message": {"role": "assistant", "content": fin.text}, "logprobs": logprobs,
+              "finish_reason": fin.reason}
+    return {**_head("chat.completion", service), "choices": [choice], "usage": _usage([fin])}
+
+
+def chat_chunks(service: Service, req: ChatCompletionRequest) -> tuple[RunGroup, AsyncIterator[dict]]:
+    """Submit now (so bad requests and a full queue fail before the stream starts); the chunks after."""
+    group = service.submit([service.chat_request(req)])
+    return group, _chat_stream(service, req, group)
+
+
+async def _chat_stream(service: Service, req: ChatCompletionRequest, group: RunGroup) -> AsyncIterator[dict]:
+    head = _head("chat.completion.chunk", service)
+    usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
+        c = {**head, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+        return {**c, "usage": None} if usage else c
+
+    yield chunk({"role": "assistant", "content": ""})
+    async for _, event in group.events():
+        if isinstance(event, TokenEvent):
+            lp = {"content": [chat_logprob(service.texts, event)]} if req.logprobs else None
+            if event.text or lp:
+                yield chunk({"content": event.text}, logprobs=lp)
+            continue
+        if event.reason == "cancelled":
+            return
+        try:
+            check_finish(event, service.timeout_s)
+        except APIError as e:
+            yield e.body()
+            return
+        if event.tail:
+            yield chunk({"content": event.tail})
+        yield chunk({}, finish=event.reason)
+        if usage:
+            yield {**head, "choices": [], "usage": _usage([event])}
+
+
+# ---- completions --------------------------------------------------------------------------------
+
+
+def _completion_setup(service: Service, req: CompletionRequest):
+    if req.echo and req.stream and req.logprobs is not None:
+        raise bad_request("echo with logprobs is not supported when streaming", param="echo")
+    prepared = service.completion_requests(req)
+    return [p for p, _ in prepared], service.submit([r for _, r in prepared]), [r for _, r in prepared]
+
+
+async def completion(service: Service, req: CompletionRequest) -> dict:
+    prompts, group, requests = _completion_setup(service, req)
+    finished = await group.wait()
+    choices = []
+    for i, (prompt, fin, gen_req) in enumerate(zip(prompts, finished, requests)):
+        check_finish(fin, service.timeout_s)
+        text = service.lead_space(group.tokens[i][0].token if group.tokens[i] else None, fin.text)
+        text = prompt + text if req.echo else text
+        logprobs = None
+        if req.logprobs is not None:
+            if req.echo:
+                logprobs = legacy_logprobs(service.texts, group.tokens[i], start=len(prompt), prompt=gen_req.prompt,
+                                           prompt_logprobs=fin.prompt_logprobs)
+            else:
+                logprobs = legacy_logprobs(service.texts, group.tokens[i])
+        choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": fin.reason})
+    return {**_head("text_completion", service), "choices": choices, "usage": _usage(finished)}
+
+
+def completion_chunks(service: Service, req: CompletionRequest) -> tuple[RunGroup, AsyncIterator[dict]]:
+    prompts, group, _ = _completion_setup(service, req)
+    return group, _completion_stream(service, req, prompts, group)
+
+
+async def _completion_stream(service: Service, req: CompletionRequest, prompts: list[str],
+                             group: RunGroup) -> AsyncIterator[dict]:
+    head = _head("text_completion", service)
+    usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def chunk(index: int, text: str, finish: str | None = None, logprobs: dict | None = None) -> dict:
+        c = {**head, "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+        return {**c, "usage": None} if usage else c
+
+    if req.echo:
+        for i, prompt in enumerate(prompts):
+            yield chunk(i, prompt)
+    streamed = [""] * len(prompts)
+    offsets = [len(p) if req.echo else 0 for p in prompts]
+    async for i, event in group.events():
+        if isinstance(event, TokenEvent):
+            lp = None
+            if req.logprobs is not None:
+                lp = legacy_logprobs(service.texts, [event], start=offsets[i])
+            if event.text or lp:
+                text = event.text if streamed[i] else service.lead_space(group.tokens[i][0].token, event.text)
+                streamed[i] += event.text
+                offsets[i] += len(text)
+                yield chunk(i, text, logprobs=lp)
+            continue
+        if event.reason == "cancelled":
+            return
+        try:
+            check_finish(event, service.timeout_s)
+        except APIError as e:
+            yield e.body()
+            group.cancel()
+            return
+        first = group.tokens[i][0].token if group.tokens[i] else None
+        tail = event.tail if streamed[i] else service.lead_space(first, event.tail)
+        yield chunk(i, tail, finish=event.reason)
+    if usage:
+        yield {**head, "choices": [], "usage": _usage(group.finished)}

@@ -1,0 +1,209 @@
+"""Request schemas, validated once and shared by the HTTP routes and `llama2-onnx score`.
+
+    req = parse(ChatCompletionRequest, body)      # a dict from JSON; raises APIError(400) naming the field
+
+Every model forbids unknown fields and coerces nothing (strict: "1" is not a number, true is
+not an integer), so a field we do not implement is a 400 naming it, never a silent ignore.
+What is checked here is what can be checked without the model: types, ranges, which fields go
+together. What needs the tokenizer (context length, token ids in the vocabulary) is checked in
+serve.service.
+
+OpenAI fields implemented (chat and completions): model, max_tokens, max_completion_tokens
+(chat), temperature, top_p, stop, seed, stream, stream_options.include_usage, n (1 only),
+logprobs/top_logprobs (chat), logprobs as an integer and echo (completions); `user` is accepted
+and ignored (it only tags a request for abuse tracking). Extensions, as vLLM and llama-server
+name them: top_k, repetition_penalty. Everything else (frequency_penalty, tools, ...) is a 400.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import APIError, ParamError, bad_request, from_validation
+
+MAX_STOP = 4  # stop strings per request, OpenAI's limit
+MAX_PROMPTS = 16  # prompts in one /v1/completions request
+MAX_SCORE_INPUTS = 16  # input_string entries in one /score request
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class ChatMessage(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+def _check_stop(stop: str | list[str] | None) -> tuple[str, ...]:
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if len(stops) > MAX_STOP:
+        raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stops)}")
+    if any(not s for s in stops):
+        raise ValueError("stop strings must not be empty")
+    return stops
+
+
+class Sampling(Strict):
+    """The fields both OpenAI routes share."""
+
+    model: str
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, description="extension: keep the k most likely tokens (0 = off)")
+    repetition_penalty: float | None = Field(None, gt=0, le=10, description="extension: > 1 discourages repeats")
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(1, description="only 1 is supported")
+    user: str | None = Field(None, description="accepted and ignored")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        _check_stop(v)
+        return v
+
+    @field_validator("n")
+    @classmethod
+    def _n(cls, v):
+        if v is not None and v != 1:
+            raise ValueError(f"only n=1 is supported, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _stream_options(self):
+        if self.stream_options is not None and not self.stream:
+            raise ParamError("stream_options", "stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return _check_stop(self.stop)
+
+
+class ChatCompletionRequest(Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _together(self):
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            raise ParamError("max_completion_tokens", "give max_tokens or max_completion_tokens, not both")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ParamError("top_logprobs", "top_logprobs needs logprobs set to true")
+        return self
+
+    @property
+    def limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str] = Field(description="a string, or a list of strings (one choice each)")
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if isinstance(v, list) and not 1 <= len(v) <= MAX_PROMPTS:
+            raise ValueError(f"give 1 to {MAX_PROMPTS} prompts, got {len(v)}")
+        return v
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class TokenizeRequest(Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ParamError("prompt", "give either prompt or messages")
+        return self
+
+
+class DetokenizeRequest(Strict):
+    model: str | None = None
+    tokens: list[int] = Field(max_length=1 << 20)
+
+
+# ---- the Azure ML online endpoint (the Llama 2 model card's /score contract) -------------
+
+
+class ScoreParameters(Strict):
+    """Hugging Face generation parameters that map onto our sampler."""
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    max_new_tokens: int | None = Field(None, ge=1)
+    do_sample: bool | None = None
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    return_full_text: bool | None = None
+
+    @model_validator(mode="after")
+    def _sampling(self):
+        if self.do_sample and self.temperature == 0:
+            raise ParamError("temperature", "must be > 0 when do_sample is true (do_sample false is greedy)")
+        return self
+
+
+class ScoreInput(Strict):
+    input_string: list[str] | list[ChatMessage] = Field(min_length=1, max_length=MAX_SCORE_INPUTS)
+    parameters: ScoreParameters = Field(default_factory=ScoreParameters)
+
+
+class ScoreRequest(Strict):
+    input_data: ScoreInput
+
+    @property
+    def is_chat(self) -> bool:
+        return isinstance(self.input_data.input_string[0], ChatMessage)
+
+
+# ---- validation ---------------------------------------------------------------------------
+
+T = TypeVar("T", bound=BaseModel)
+
+
+def parse(schema: type[T], body: object) -> T:
+    """Validate a decoded JSON body; APIError(400) naming the first bad field."""
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    try:
+        return schema.model_validate(body)
+    except ValidationError as e:
+        raise from_validation(e.errors(include_url=False)) from None
+
+
+# the OpenAI Batch API's url -> the schema of its body
+BATCH_URLS: dict[str, type[BaseModel]] = {"/v1/chat/completions": ChatCompletionRequest,
+                                          "/v1/completions": CompletionRequest}
+
+
+def parse_batch_body(url: object, body: object) -> BaseModel:
+    schema = BATCH_URLS.get(url) if isinstance(url, str) else None
+    if schema is None:
+        raise APIError(400, f"url must be one of {', '.join(BATCH_URLS)}, got {url!r}", param="url")
+    request = parse(schema, body)
+    if request.stream:
+        raise bad_request("stream is not allowed in a batch", param="stream")
+    return request

@@ -1,0 +1,256 @@
+"""Service: the model behind every route and `score`: validated requests -> engine requests,
+and the engine's events delivered on the asyncio event loop.
+
+    service = Service.open(folder, max_batch=8)            # Generator + Engine, started
+    gen_req = service.chat_request(req)                    # APIError 400/404 naming the field
+    group = service.submit([gen_req])                      # APIError 503 when the queue is full
+    async for index, event in group.events(): ...          # TokenEvent ..., FinishEvent
+
+The engine's scheduler thread calls on_event; it must not block, so each event is handed to
+the loop with call_soon_threadsafe onto the group's queue. Leaving `events()` early (the
+client went away, the task was cancelled) cancels every unfinished row in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Sequence
+
+from llama2_onnx.errors import UserError
+from llama2_onnx.runtime.generator import Generator
+from llama2_onnx.runtime.sampler import SamplingParams
+
+from .engine import Engine, EngineClosed, FinishEvent, GenRequest, QueueFull, RequestError, TokenEvent
+from .errors import APIError, bad_request
+from .metrics import Metrics
+from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from .tokens import TokenTexts
+
+RETRY_AFTER_S = 1
+
+
+@dataclass
+class Sampling:
+    """Sampling fields as a request gives them (None = the route's default)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+
+
+class Service:
+    def __init__(self, generator: Generator, engine: Engine, *, model_id: str, timeout_s: float | None = None,
+                 metrics: Metrics | None = None):
+        self.gen, self.engine = generator, engine
+        self.tokenizer = generator.tokenizer
+        self.model_id = model_id
+        self.context = engine.context  # tokens a row holds, prompt included
+        self.timeout_s = timeout_s
+        self.metrics = metrics or Metrics()
+        self.texts = TokenTexts(self.tokenizer)
+        self.created = int(time.time())
+
+    @classmethod
+    def open(cls, folder: str | Path, *, max_batch: int = 8, max_queue: int = 64, timeout_s: float | None = None,
+             metrics: Metrics | None = None, model_id: str | None = None, **model_kwargs) -> "Service":
+        """Open a model folder (model_kwargs as Generator.from_dir) and start its engine."""
+        gen = Generator.from_dir(folder, **model_kwargs)
+        return cls.from_generator(gen, max_batch=max_batch, max_queue=max_queue, timeout_s=timeout_s,
+                                  metrics=metrics, model_id=model_id or Path(folder).name)
+
+    @classmethod
+    def from_generator(cls, gen: Generator, *, max_batch: int = 8, max_queue: int = 64, model_id: str,
+                       timeout_s: float | None = None, metrics: Metrics | None = None) -> "Service":
+        engine = Engine.from_generator(gen, max_batch=max_batch, max_queue=max_queue)
+        engine.start()
+        return cls(gen, engine, model_id=model_id, timeout_s=timeout_s, metrics=metrics)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    # ---- requests -> engine requests -----------------------------------------------------
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.model_id:
+            raise APIError(404, f"The model `{name}` does not exist; this server has `{self.model_id}`",
+                           param="model", code="model_not_found")
+
+    def chat_ids(self, messages: Sequence[ChatMessage], param: str = "messages") -> list[int]:
+        try:
+            return self.gen.chat_ids([m.model_dump() for m in messages])
+        except UserError as e:
+            raise bad_request(str(e), param=param) from None
+
+    def prompt_ids(self, prompt: str, param: str = "prompt") -> list[int]:
+        try:
+            return self.gen.encode_prompt(prompt)
+        except UserError as e:
+            raise bad_request(str(e), param=param) from None
+
+    def budget(self, n_prompt: int, asked: int | None, *, explicit: bool, param: str) -> int:
+        """New tokens a prompt of n_prompt tokens may have: asked, or the context left when not
+        given; 400 context_length_exceeded when the prompt fills the context or an explicit
+        ask does not fit in what is left."""
+        room = self.context - n_prompt
+        if room < 1:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, your "
+                           f"prompt is {n_prompt} tokens. Please shorten it.", param=param, code="context_length_exceeded")
+        if asked is None or (asked > room and not explicit):
+            return room if asked is None else min(asked, room)
+        if asked > room:
+            raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, you requested "
+                           f"{n_prompt + asked} tokens ({n_prompt} in the prompt, {asked} for the completion). "
+                           "Please reduce the prompt or the completion length.",
+                           param="max_tokens", code="context_length_exceeded")
+        return asked
+
+    @staticmethod
+    def params(s: Sampling, default_temperature: float = 1.0, default_top_k: int = 0) -> SamplingParams:
+        return SamplingParams(temperature=default_temperature if s.temperature is None else s.temperature,
+                              top_p=1.0 if s.top_p is None else s.top_p,
+                              top_k=default_top_k if s.top_k is None else s.top_k,
+                              repetition_penalty=1.0 if s.repetition_penalty is None else s.repetition_penalty)
+
+    def make_request(self, ids: list[int], max_tokens: int, params: SamplingParams, *, seed: int | None = None,
+                     stop: tuple[str, ...] = (), logprobs: int | None = None,
+                     prompt_logprobs: bool = False) -> GenRequest:
+        return GenRequest(prompt=tuple(ids), max_tokens=max_tokens, params=params, seed=seed, stop=stop,
+                          logprobs=logprobs, prompt_logprobs=prompt_logprobs, timeout_s=self.timeout_s)
+
+    def chat_request(self, req: ChatCompletionRequest) -> GenRequest:
+        """OpenAI defaults: temperature 1, top_p 1; without max_tokens, up to the end of the context."""
+        self.check_model(req.model)
+        ids = self.chat_ids(req.messages)
+        limit = req.limit
+        n = self.budget(len(ids), limit, explicit=limit is not None, param="messages")
+        return self.make_request(ids, n, self.params(_sampling(req)), seed=req.seed, stop=req.stops,
+                                 logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+
+    def completion_requests(self, req: CompletionRequest) -> list[tuple[str, GenRequest]]:
+        """(prompt text, engine request) per prompt; max_tokens 16 unless given (OpenAI's default)."""
+        self.check_model(req.model)
+        explicit = "max_tokens" in req.model_fields_set and req.max_tokens is not None
+        asked = req.max_tokens if req.max_tokens is not None else 16
+        out = []
+        for i, prompt in enumerate(req.prompts):
+            param = "prompt" if isinstance(req.prompt, str) else f"prompt[{i}]"
+            ids = self.prompt_ids(prompt, param)
+            n = self.budget(len(ids), asked, explicit=explicit, param=param)
+            out.append((prompt, self.make_request(ids, n, self.params(_sampling(req)), seed=req.seed, stop=req.stops,
+                                                  logprobs=req.logprobs, prompt_logprobs=bool(req.echo and req.logprobs is not None))))
+        return out
+
+    def lead_space(self, first_token: int | None, text: str) -> str:
+        """A completion's text as it continues its prompt. SentencePiece drops the first piece's
+        leading space when a completion is decoded alone (as Meta's reference returns it); a
+        continuation needs it back ("the meaning of life is" + " to ...")."""
+        if first_token is not None and text[:1] not in ("", " ") and self.texts.bytes(first_token).startswith(b" "):
+            return " " + text
+        return text
+
+    # ---- running --------------------------------------------------------------------------
+    def submit(self, requests: Sequence[GenRequest]) -> "RunGroup":
+        """Put the requests in the engine (all or none); 503 with Retry-After when its queue is full."""
+        return RunGroup(self, requests)
+
+    # ---- tokenizer routes -----------------------------------------------------------------
+    def tokenize(self, req: TokenizeRequest) -> dict:
+        self.check_model(req.model)
+        if req.messages is not None:
+            ids = self.chat_ids(req.messages)
+        else:
+            ids = self.tokenizer.encode(req.prompt, bos=req.add_special_tokens and self.gen.model.config.add_bos, eos=False)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.context}
+
+    def detokenize(self, req: DetokenizeRequest) -> dict:
+        self.check_model(req.model)
+        vocab = self.tokenizer.vocab_size
+        for i, t in enumerate(req.tokens):
+            if not 0 <= t < vocab:
+                raise bad_request(f"token {t} is outside the vocabulary (0 to {vocab - 1})", param=f"tokens[{i}]")
+        return {"prompt": self.tokenizer.decode(req.tokens)}
+
+
+def _sampling(req) -> Sampling:
+    return Sampling(req.temperature, req.top_p, req.top_k, req.repetition_penalty)
+
+
+class RunGroup:
+    """Engine requests whose events arrive, tagged with their index, on one asyncio queue."""
+
+    def __init__(self, service: Service, requests: Sequence[GenRequest]):
+        self.service = service
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.tokens: list[list[TokenEvent]] = [[] for _ in requests]
+        self.finished: list[FinishEvent | None] = [None] * len(requests)
+        self._last: list[float] = [0.0] * len(requests)
+        self.handles = []
+        try:
+            for i, req in enumerate(requests):
+                self.handles.append(service.engine.submit(req, self._sink(i)))
+        except QueueFull:
+            self.cancel()
+            raise APIError(503, "The server is busy: its request queue is full. Retry shortly.",
+                           code="queue_full", retry_after=RETRY_AFTER_S) from None
+        except EngineClosed:
+            self.cancel()
+            raise APIError(503, "The server is shutting down.", code="shutting_down") from None
+        except RequestError as e:  # serve checks these first; the engine's word is final
+            self.cancel()
+            raise bad_request(str(e)) from None
+
+    def _sink(self, index: int):
+        def on_event(event) -> None:  # on the scheduler thread
+            try:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+        return on_event
+
+    def cancel(self) -> None:
+        for i, handle in enumerate(self.handles):
+            if self.finished[i] is None:
+                handle.cancel()
+
+    @property
+    def done(self) -> bool:
+        return all(f is not None for f in self.finished)
+
+    async def events(self) -> AsyncIterator[tuple[int, TokenEvent | FinishEvent]]:
+        """(index, event) until every request has finished; leaving early cancels the rest."""
+        metrics = self.service.metrics
+        try:
+            while not self.done:
+                index, event = await self.queue.get()
+                now = time.perf_counter()
+                if isinstance(event, FinishEvent):
+                    self.finished[index] = event
+                    metrics.finish(event.reason, event.prompt_tokens, event.completion_tokens, event.ttft_s)
+                else:
+                    if self.tokens[index]:
+                        metrics.token_latency.observe(now - self._last[index])
+                    self._last[index] = now
+                    self.tokens[index].append(event)
+                yield index, event
+        finally:
+            self.cancel()
+
+    async def wait(self) -> list[FinishEvent]:
+        async for _ in self.events():
+            pass
+        return list(self.finished)
+
+
+def check_finish(event: FinishEvent, timeout_s: float | None) -> None:
+    """A finish that is an error for the client: 504 past the time limit, 500 on an engine error."""
+    if event.reason == "timeout":
+        raise APIError(504, f"the request ran past the server's time limit of {timeout_s} s", code="timeout")
+    if event.reason == "error":
+        raise APIError(500, f"generation failed: {event.error or 'unknown error'}", code="engine_error")

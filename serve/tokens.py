@@ -1,0 +1,80 @@
+"""Token ids -> the text and bytes the OpenAI logprobs shapes show for them.
+
+    texts = TokenTexts(tokenizer)
+    texts.bytes(15043)      # b" Hello"  (SentencePiece "▁Hello")
+    texts.text(15043)       # " Hello"
+    texts.offsets(ids)      # where each token starts in tokenizer.decode(ids)
+
+A token's bytes come from its vocabulary piece, not from decoding it alone: decoding one
+SentencePiece token drops its leading space, and a token that holds part of a UTF-8 character
+decodes to U+FFFD. Special tokens (BOS, EOS, <|im_end|>) have no bytes: decode skips them.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+from llama2_onnx.runtime.tokenizer import StreamDecoder, Tokenizer
+
+_SPM_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_SPM_SPACE = "\u2581"
+
+
+@lru_cache(maxsize=1)
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character that stands for each byte."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+def _is_byte_level(tokenizer: Tokenizer) -> bool:
+    decoder = getattr(getattr(tokenizer, "tok", None), "decoder", None)
+    return type(decoder).__name__ == "ByteLevel"
+
+
+class TokenTexts:
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._byte_level = _is_byte_level(tokenizer)
+        self._spm = hasattr(tokenizer, "sp")
+        self._cache: dict[int, bytes] = {}
+
+    def bytes(self, token: int) -> bytes:
+        b = self._cache.get(token)
+        if b is None:
+            b = self._cache[token] = self._bytes(token)
+        return b
+
+    def _bytes(self, token: int) -> bytes:
+        tok = self.tokenizer
+        piece = tok.id_to_piece(token)
+        if tok.special_id(piece) == token or token in (tok.bos_id, tok.eos_id):
+            return b""
+        if self._spm:
+            if m := _SPM_BYTE.fullmatch(piece):
+                return bytes([int(m.group(1), 16)])
+            return piece.replace(_SPM_SPACE, " ").encode("utf-8")
+        if self._byte_level:
+            table = _byte_level_table()
+            if all(c in table for c in piece):
+                return bytes(table[c] for c in piece)
+        return tok.decode([token]).encode("utf-8")
+
+    def text(self, token: int) -> str:
+        return self.bytes(token).decode("utf-8", errors="replace")
+
+    def offsets(self, ids: list[int], start: int = 0) -> list[int]:
+        """Each token's start in start + decode(ids), counted the way the decoded text counts."""
+        decoder, at, out = StreamDecoder(self.tokenizer), start, []
+        for i in ids:
+            out.append(at)
+            at += len(decoder.push(i))
+        return out

@@ -1,0 +1,76 @@
+"""A real uvicorn server on a free 127.0.0.1 port, in a background thread, for the serve tests.
+
+    with LiveServer(app) as url:         # "http://127.0.0.1:PORT"; stopped on exit, even on failure
+        ...
+    with rows_busy(service):             # every engine row taken: the next request queues
+        ...
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+
+
+class LiveServer:
+    def __init__(self, app, start_timeout_s: float = 20.0):
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.start_timeout_s = start_timeout_s
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                self.stop()
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.sock.close()
+
+
+@contextlib.contextmanager
+def rows_busy(service, step_s: float = 0.05, timeout_s: float = 20.0):
+    """Every row of service's engine taken by a slowed request that would run to the context, so the
+    next request must queue; the rows are freed (cancelled) and the speed restored on exit."""
+    from llama2_onnx.runtime.sampler import SamplingParams
+    from llama2_onnx.serve.engine import GenRequest
+
+    engine = service.engine
+    decode = engine.slots.decode
+
+    def slow(*args):
+        time.sleep(step_s)
+        return decode(*args)
+
+    engine.slots.decode = slow
+    prompt = service.gen.encode_prompt("busy")
+    req = GenRequest(prompt=tuple(prompt), max_tokens=engine.context - len(prompt), params=SamplingParams())
+    handles = [engine.submit(req, lambda event: None) for _ in range(engine.max_batch)]
+    try:
+        deadline = time.monotonic() + timeout_s
+        while engine.stats()["free_slots"] or engine.stats()["queued"]:
+            assert time.monotonic() < deadline, "the busy requests did not take every row"
+            time.sleep(0.01)
+        yield
+    finally:
+        for h in handles:
+            h.cancel()
+        engine.slots.decode = decode

@@ -187,27 +187,43 @@ def run_serve_benchmark(*, model: Path | None, clients: list[int], modes: list[s
     if requests < 1 or new_tokens < 2 or prompt_len < 8:
         raise UserError("--requests must be >= 1, --new-tokens >= 2 and --prompt-len >= 8")
     words = max(1, int(prompt_len * 0.75))  # ~0.75 English words per token in these vocabularies
-    rows = []
+    rows, route_ms = [], {}
     for mode in modes:
         with ServerProcess(model, MODES[mode], threads, replicas=RAY_REPLICAS.get(mode)) as server:
             asyncio.run(closed_loop(server.url, mode, 1, 1, words, 8, timeout_s))  # warm-up
+            route_ms[mode] = round(route_latency_ms(server.url), 2)
             for n in clients:
                 r = asyncio.run(closed_loop(server.url, mode, n, requests, words, new_tokens, timeout_s))
                 rows.append(r.summary())
                 log(format_row(rows[-1]))
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "prompt_len": prompt_len, "new_tokens": new_tokens,
             "requests_per_client": requests, "threads": threads, "rows": rows, "ratios": ratios(rows),
-            "ray_overhead": ray_overhead(rows)}
+            "route_ms": route_ms, "ray_overhead": ray_overhead(rows, route_ms)}
 
 
-def ray_overhead(rows: list[dict]) -> dict:
-    """What Ray Serve adds to a lone request: each ray mode at 1 client against `batching` at 1 client."""
+def route_latency_ms(url: str, n: int = 100) -> float:
+    """p50 of n sequential GET /v1/models: one request's way through the server, no model work."""
+    import httpx
+
+    times = []
+    with httpx.Client(timeout=30) as client:
+        for _ in range(n):
+            start = time.perf_counter()
+            client.get(url + "/v1/models").raise_for_status()
+            times.append((time.perf_counter() - start) * 1000)
+    return float(np.percentile(times, 50))
+
+
+def ray_overhead(rows: list[dict], route_ms: dict) -> dict:
+    """What Ray Serve adds to a request: each ray mode against `batching` (a model-free request's
+    p50, and a lone streamed completion's time to first token and per-token gap)."""
     lone = {r["mode"]: r for r in rows if r["clients"] == 1}
     plain = lone.get("batching")
     if plain is None:
         return {}
     diff = lambda r, k: round(r[k] - plain[k], 1) if r[k] is not None and plain[k] is not None else None  # noqa: E731
-    return {mode: {"ttft_p50_ms_added": diff(r, "ttft_p50_ms"), "token_p50_ms_added": diff(r, "token_p50_ms"),
+    return {mode: {"route_ms_added": round(route_ms[mode] - route_ms["batching"], 2),
+                   "ttft_p50_ms_added": diff(r, "ttft_p50_ms"), "token_p50_ms_added": diff(r, "token_p50_ms"),
                    "tokens_per_s_x": round(r["tokens_per_s"] / plain["tokens_per_s"], 3) if plain["tokens_per_s"] else None}
             for mode, r in lone.items() if mode in RAY_REPLICAS}
 
@@ -241,8 +257,9 @@ def format_markdown(result: dict) -> str:
         lines.append(f"| {r['mode']} | {r['clients']} | {r['tokens_per_s']} | {x.get('throughput_x')} | {r['ttft_p50_ms']} | "
                      f"{r['ttft_p99_ms']} | {x.get('ttft_p99_x')} | {r['token_p50_ms']} | {r['token_p99_ms']} |")
     for mode, o in result.get("ray_overhead", {}).items():
-        lines.append(f"\n{mode} against batching at 1 client: time to first token {o['ttft_p50_ms_added']} ms more (p50), "
-                     f"per token {o['token_p50_ms_added']} ms more (p50), {o['tokens_per_s_x']}x the tokens/s")
+        lines.append(f"\n{mode} against batching: GET /v1/models {o['route_ms_added']} ms more (p50); at 1 client, time to "
+                     f"first token {o['ttft_p50_ms_added']} ms more (p50), per token {o['token_p50_ms_added']} ms more (p50), "
+                     f"{o['tokens_per_s_x']}x the tokens/s")
     return "\n".join(lines)
 
 

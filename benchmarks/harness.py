@@ -110,8 +110,9 @@ def run_benchmark(*, model: str | Path, prompt_len: int = 128, new_tokens: int =
                   checkpoint: str | Path | None = None, builder_precision: str | None = None,
                   isolate: bool = True, interleave: str = "auto", bandwidth_mb: int = 256,
                   timeout_s: float | None = None, noise_limit: float = 0.15, retries: int = 2,
-                  log: Callable[[str], None] = print) -> dict:
-    """Benchmark the model folder (and peers). Returns {"schema", "machine", "rows"}."""
+                  startup: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Benchmark the model folder (and peers). Returns {"schema", "machine", "rows"}, and with startup
+    (CPU) "startup": ours started three times in fresh processes (benchmarks/startup.py)."""
     from llama2_onnx.runtime.folder import check_folder
     from llama2_onnx.runtime.providers import physical_cores, resolve
 
@@ -143,9 +144,11 @@ def run_benchmark(*, model: str | Path, prompt_len: int = 128, new_tokens: int =
     machine["interleaved"] = together
 
     rows: list[dict] = []
+    first_ids = None  # the first configuration's prompt: what the start-up runs are timed with
     for p in pts:
         ids = prompt_ids(folder, length=p.prompt_len, add_bos=cfg.add_bos, bos_id=a.bos_id, eos_id=a.eos_id,
                          vocab_size=a.vocab_size, tokenizer=cfg.tokenizer)
+        first_ids = first_ids or ids
         jobs = [replace(base, system=system, io_binding=io, huge_pages=hp, prompt_ids=ids, new_tokens=p.new_tokens,
                         batch=p.batch, threads=p.threads, peer_dir=peer_dirs.get(system),
                         precision=PRECISION_OF[PEERS[system].weights](cfg.precision, builder_precision, prov))
@@ -164,7 +167,15 @@ def run_benchmark(*, model: str | Path, prompt_len: int = 128, new_tokens: int =
             rows.append(row)
             log(_progress_line(row))
     _probe_again(machine, rows, bandwidth_mb)
-    return {"schema": 1, "machine": machine, "rows": rows}
+    result = {"schema": 1, "machine": machine, "rows": rows}
+    if startup and prov == "cpu":
+        from .startup import measure_startup
+
+        result["startup"] = starts = measure_startup(str(folder), pts[0].threads, first_ids, timeout_s or 600)
+        for name, s in starts.items():
+            log(f"start ({name}, prompt {len(first_ids)}): " + (s["error"] if "error" in s else
+                f"from_dir {s['from_dir_s']:.2f} s + first token {s['first_token_ms']:.0f} ms = {s['start_s']:.2f} s"))
+    return result
 
 
 def _probe_again(machine: dict, rows: list[dict], mb: int) -> None:

@@ -10,6 +10,8 @@ first token = prompt pass + choosing the first token; then one entry per later t
     transformers    Hugging Face transformers generate() on that checkpoint (HF folder or GGUF)
     genai           onnxruntime-genai on our folder, through its genai_config.json
     genai-builder   onnxruntime-genai on a model its own builder made from the same checkpoint
+    llama.cpp       llama.cpp (llama-cpp-python, `make llama-cpp`) on the GGUF the folder was exported from,
+                    in that file's own quantization: the same threads for the prompt and for decoding
 
 Heavy packages (torch, transformers, onnxruntime_genai) are imported inside the adapters,
 only when that system runs; a peer whose package is missing is skipped by the harness
@@ -41,6 +43,7 @@ class Peer:
     formats: tuple[str, ...] = ("meta", "hf", "gguf")  # checkpoint formats it can read
     providers: tuple[str, ...] = ("cpu", "cuda", "dml")
     weights: str = "folder"  # whose weights at what precision: a key of PRECISION_OF
+    batch_one: bool = False  # runs one sequence only
     memory: float = 1.2  # resident memory when loaded, as a multiple of the folder's weight bytes (measured)
 
 
@@ -50,6 +53,7 @@ PRECISION_OF: dict[str, Callable[[str, str, str], str]] = {
     "builder": lambda folder, builder, provider: builder,
     # torch runs the checkpoint in float32, or float16 for an fp16 folder on CUDA (CPU fp16 is slow and partial)
     "torch": lambda folder, builder, provider: "fp16" if folder == "fp16" and provider == "cuda" else "fp32",
+    "gguf": lambda folder, builder, provider: "gguf",  # the GGUF's own types (SmolLM2's: Q4_1)
 }
 
 
@@ -62,6 +66,8 @@ def skip_reason(peer: Peer, job: Job) -> str | None:
     missing = missing_modules(peer)
     if missing:
         return f"{', '.join(missing)} is not installed (pip install {peer.install})"
+    if peer.batch_one and job.batch != 1:
+        return f"it runs one sequence at a time, not a batch of {job.batch}"
     if job.provider not in peer.providers:
         return f"it runs on {' or '.join(peer.providers)}, not {job.provider}"
     if peer.needs_checkpoint:
@@ -263,6 +269,43 @@ def load_genai_builder(job: Job) -> Loaded:
     return _load_genai_folder(job, folder, f"on its builder's {precision} model")
 
 
+# ---- llama.cpp ------------------------------------------------------------------------------------
+
+def load_llama_cpp(job: Job) -> Loaded:
+    """llama-cpp-python's Llama over the GGUF: eval() the prompt ids in one batch (llama.cpp computes
+    the head for the last position only), then one eval() per token; greedy on the last logits."""
+    import llama_cpp
+
+    total = job.prompt_len + job.new_tokens
+    llm = llama_cpp.Llama(model_path=job.checkpoint, n_ctx=total, n_batch=max(job.prompt_len, 1), n_ubatch=max(job.prompt_len, 1),
+                          n_threads=job.threads, n_threads_batch=job.threads, n_gpu_layers=0, logits_all=False,
+                          verbose=False, seed=0)
+    eos = list(job.eos_ids)
+
+    vocab = llm.n_vocab()
+
+    def pick() -> np.ndarray:  # the last evaluated position's logits (llama.cpp keeps only those) -> [1]
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(vocab,)).copy()
+        if eos:
+            logits[eos] = -np.inf
+        return np.array([int(logits.argmax())])
+
+    def run() -> Trace:
+        def prefill():
+            llm.reset()  # n_tokens = 0: the next eval() drops the cache
+            llm.eval(job.prompt_ids)
+            return pick()
+
+        def step(prev):
+            llm.eval([int(prev[0])])
+            return pick()
+
+        return timed_greedy(prefill, step, job.new_tokens)
+
+    return Loaded(run, f"llama-cpp-python {_version('llama-cpp-python')} on {Path(job.checkpoint).name}",
+                  Path(job.checkpoint).stat().st_size)
+
+
 def _version(dist: str) -> str:
     import importlib.metadata
 
@@ -286,5 +329,7 @@ PEERS: dict[str, Peer] = {
         # the builder needs transformers (and torch to write an HF copy of a GGUF or Meta checkpoint)
         Peer("genai-builder", load_genai_builder, needs_checkpoint=True, weights="builder",
              requires=("onnxruntime_genai", "transformers", "torch"), install="onnxruntime-genai transformers"),
+        Peer("llama.cpp", load_llama_cpp, requires=("llama_cpp",), install="llama-cpp-python (make llama-cpp)",
+             needs_checkpoint=True, formats=("gguf",), providers=("cpu",), weights="gguf", batch_one=True, memory=1.0),
     )
 }

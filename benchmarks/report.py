@@ -63,7 +63,22 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         if r["status"] != "ok":
             lines.append(f"{r['label']}: {r['status']} ({r['note']})")
+    lines += _startup_lines(result)
     return "\n".join(lines)
+
+
+def _startup_lines(result: dict) -> list[str]:
+    """One line per start of ours (benchmarks/startup.py), and the first start over the second."""
+    starts = result.get("startup") or {}
+    lines = [f"start {name}: " + (s["error"] if "error" in s else
+             f"{s['start_s']:.2f} s (from_dir {s['from_dir_s']:.2f} s + first token {s['first_token_ms']:.0f} ms)")
+             for name, s in starts.items()]
+    first, second = starts.get("first", {}), starts.get("second", {})
+    if first.get("start_s") and second.get("start_s"):
+        lines.append(f"second start {first['start_s'] / second['start_s']:.2f}x faster than the first"
+                     + (f", {starts['off']['start_s'] / second['start_s']:.2f}x than a start without the cache"
+                        if starts.get("off", {}).get("start_s") else ""))
+    return lines
 
 
 def format_markdown(result: dict) -> str:
@@ -72,6 +87,7 @@ def format_markdown(result: dict) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|"]
     lines += ["| " + " | ".join(show(r) for show in COLUMNS.values()) + " |" for r in ok]
     lines += [f"- {r['label']}: {r['status']} ({r['note']})" for r in result["rows"] if r["status"] != "ok"]
+    lines += ["", *(f"- {line}" for line in _startup_lines(result))] if result.get("startup") else []
     return "\n".join(lines)
 
 

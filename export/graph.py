@@ -18,6 +18,12 @@ embedding's table itself behind a Transpose (ONNX Runtime folds it at load). int
 MatMulNBits (export/blockquant.py) with the recipe in `Quant`: 4 bits, and 8 for the head and
 the groups where 4 cost SmolLM2 the most perplexity (BENCHMARKS.md has the table).
 
+The head runs only on the positions asked for: the scalar input `logits_to_keep` (runtime/contract.py)
+defaults to 0, every position (an initializer of the same name: callers that do not know it, such as
+onnxruntime-genai, get the full logits), and n keeps each row's last n (`_keep`). A prompt pass that
+needs only the next token asks for 1 and skips the head on the other positions: a fifth of
+SmolLM2's prompt compute.
+
 A sequence classifier (args.num_labels: LlamaForSequenceClassification) is the same decoder without a
 KV cache: positions come from the attention mask (portable), each row's last real token is picked
 (`_pool`, models/llama.last_token_index) and its final hidden state goes through the `score` head,
@@ -228,7 +234,11 @@ class DecoderGraph:
         if self.graph == contract.GRAPH_PORTABLE:
             inputs.append(value(contract.POSITION_IDS, np.int64, seq))
         inputs += [value(n, dt, _dims(kv, contract.PAST)) for n in contract.past_names(a.n_layers)]
-        last = value(contract.LOGITS, np.float32, [*seq, a.vocab_size]) if self.whole else value(HIDDEN_OUT, dt, [*seq, a.dim])
+        if self.whole:
+            inputs.append(value(contract.LOGITS_TO_KEEP, np.int64, []))  # optional: its initializer is the default
+            self.w.initializers.append(onnx.numpy_helper.from_array(np.array(contract.KEEP_ALL, np.int64), contract.LOGITS_TO_KEEP))
+        last = (value(contract.LOGITS, np.float32, [contract.BATCH, contract.KEPT, a.vocab_size]) if self.whole
+                else value(HIDDEN_OUT, dt, [*seq, a.dim]))
         outputs = [last] + [value(n, dt, _dims(kv, contract.TOTAL)) for n in contract.present_names(a.n_layers)]
         return inputs, outputs
 
@@ -243,7 +253,7 @@ class DecoderGraph:
             h = self.w.node("Add", [h, self.ffn(self.rms_norm(h, f"layers.{i}.ffn_norm.weight"), i)])
             self.on_layer(i)
         if self.whole:
-            self._final(self.rms_norm(h, "norm.weight"))
+            self._final(self.rms_norm(h, "norm.weight"), None)
         else:
             self.w.node("Identity", [h], [HIDDEN_OUT])
 
@@ -288,14 +298,33 @@ class DecoderGraph:
                                     domain="com.microsoft", epsilon=a.norm_eps)
             self.on_layer(i)
         if self.whole:
-            self._final(x)
+            # each row's tokens end at min(its mask's sum, S): the sum on a first (right-padded) step, S after
+            s = None if self.classifier else w.node("Gather", [w.node("Shape", [contract.INPUT_IDS]), w.const(1)], axis=0)
+            self._final(x, None if self.classifier else w.node("Min", [lengths, s]))
 
-    def _final(self, x: str) -> None:
-        """x: the final norm's output [B, S, dim]."""
+    def _final(self, x: str, ends: str | None) -> None:
+        """x: the final norm's output [B, S, dim]; ends: each row's end in x [B] (right-aligned rows), or
+        None where every row ends at S (left padding)."""
         if self.classifier:
             self.w.node("Identity", [self._score(self._pool(x))], [contract.LOGITS])
         else:
-            self.w.node("Identity", [self.head(x)], [contract.LOGITS])
+            self.w.node("Identity", [self.head(self._keep(x, ends))], [contract.LOGITS])
+
+    def _keep(self, x: str, ends: str | None) -> str:
+        """x [B, S, dim] -> [B, K, dim]: the positions whose logits the caller asked for (logits_to_keep):
+        all S for 0, else each row's last n (n clamped to S)."""
+        w, n = self.w, contract.LOGITS_TO_KEEP
+        everything = w.node("Equal", [n, w.const(contract.KEEP_ALL)])
+        if ends is None:  # left padding: the last n columns
+            start = w.node("Where", [everything, w.const(0), w.node("Neg", [n])])
+            return w.node("Slice", [x, w.node("Unsqueeze", [start, w.const([0])]), w.const([np.iinfo(np.int64).max]),
+                                    w.const([1])])
+        s = w.node("Gather", [w.node("Shape", [x]), w.const(1)], axis=0)
+        count = w.node("Min", [w.node("Where", [everything, s, n]), s])  # K
+        start = w.node("Where", [everything, w.const(0), w.node("Sub", [ends, count])])  # [B]
+        index = w.node("Add", [w.node("Unsqueeze", [start, w.const([1])]), w.node("Range", [w.const(0), count, w.const(1)])])
+        index = w.node("Max", [index, w.const(0)])  # [B, K]; a row shorter than n repeats its first position
+        return w.node("GatherND", [x, w.node("Unsqueeze", [index, w.const([2])])], batch_dims=1)  # [B, K, dim]
 
     def _pool(self, x: str) -> str:
         """x [B, S, dim] at each row's last real token -> [B, dim] (models/llama.last_token_index): the largest

@@ -167,7 +167,10 @@ def default_model_dir(progress: bool = True) -> Path:
 
     Exported on first use (this needs the `export` extra: torch); reused after.
     """
-    out = cache_dir() / "models" / DEFAULT_MODEL_NAME
+    from llama2_onnx.runtime.contract import GRAPH_REVISION  # stdlib only
+
+    models = cache_dir() / "models"
+    out = models / f"{DEFAULT_MODEL_NAME}-r{GRAPH_REVISION}"  # exported again when exports gain something
     if (out / "manifest.json").is_file():
         return out
     try:

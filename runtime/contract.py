@@ -6,7 +6,8 @@ Portable graph (format version 1), the names Hugging Face Optimum and onnxruntim
     in  attention_mask               int64 [batch_size, total_sequence_length]  1 = token, 0 = left padding
     in  position_ids                 int64 [batch_size, sequence_length]
     in  past_key_values.{i}.key/.value   model dtype [batch_size, n_kv_heads, past_sequence_length, head_dim]
-    out logits                       float32 [batch_size, sequence_length, vocab_size]
+    in  logits_to_keep               int64 scalar, optional (default 0)  see below
+    out logits                       float32 [batch_size, logits_sequence_length, vocab_size]
     out present.{i}.key/.value       model dtype [batch_size, n_kv_heads, total_sequence_length, head_dim]
 
 Fused graph for ONNX Runtime ("ort"), onnxruntime-genai's GroupQueryAttention contract:
@@ -16,8 +17,18 @@ Fused graph for ONNX Runtime ("ort"), onnxruntime-genai's GroupQueryAttention co
                                      (cache + this step), then zeros; its width is the longest row, and equals
                                      sequence_length exactly on the first step (how the graph knows the cache is empty)
     in  past_key_values.{i}.key/.value   model dtype [batch_size, n_kv_heads, past_sequence_length, head_dim]
-    out logits                       float32 [batch_size, sequence_length, vocab_size]
+    in  logits_to_keep               int64 scalar, optional (default 0)  see below
+    out logits                       float32 [batch_size, logits_sequence_length, vocab_size]
     out present.{i}.key/.value       model dtype [batch_size, n_kv_heads, total_sequence_length, head_dim]
+
+logits_to_keep (both kinds; graph revision 2, the input is an initializer of the same name, so a caller
+that does not feed it, onnxruntime-genai among them, gets the default): 0 = logits at every position,
+logits_sequence_length = sequence_length (the only behaviour of folders exported before it); n > 0 = each
+row's last n positions only, the head computed for those alone, logits_sequence_length = min(n, S).
+Portable graph (left padding): the last n columns. Fused graph (right padding): row b's tokens end at
+min(sum(mask_b), S), the sum on a first step and S after it; its last n end there (a row shorter than n
+repeats its first position). A prompt pass that needs only the next token feeds 1: the head is about a
+fifth of SmolLM2's prompt compute. Callers detect the input with get_overridable_initializers().
 
 No position_ids: row b's positions continue from its length (sum of its mask - this step's tokens).
 The past may be a buffer of any capacity >= total_sequence_length, bound as the present output too
@@ -39,7 +50,10 @@ Optimum's text-classification names), either graph kind, no KV cache:
 
 from __future__ import annotations
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # bumped when old folders cannot work with this runtime
+# bumped when exports gain something older folders lack but still run without (the default model is
+# exported again, llama2_onnx/assets.py): 2 = the optional logits_to_keep input
+GRAPH_REVISION = 2
 GRAPH_PORTABLE = "portable"
 GRAPH_ORT = "ort"
 GRAPHS = (GRAPH_PORTABLE, GRAPH_ORT)
@@ -47,6 +61,11 @@ TASK_GENERATION, TASK_CLASSIFICATION = "text-generation", "text-classification"
 TASKS = (TASK_GENERATION, TASK_CLASSIFICATION)
 
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+KEPT = "logits_sequence_length"  # the logits' positions: sequence_length, or logits_to_keep
+
+# An optional scalar input (an initializer of the same name is its default, ONNX IR >= 4): how many of each
+# row's last positions get logits. KEEP_ALL (the default) keeps every one, as callers that do not know it expect.
+LOGITS_TO_KEEP, KEEP_ALL = "logits_to_keep", 0
 
 INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"

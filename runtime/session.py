@@ -2,7 +2,9 @@
 
 With io_binding=True every present.{i}.key/value output is bound to the device and fed
 back as the next step's past input as the same OrtValue: the cache never travels to the
-host. Only logits come back to NumPy, and the caller gets the last position only.
+host. Only logits come back to NumPy, and the caller gets the last position only: the graph
+computes the head for that position alone (logits_to_keep = 1, runtime/contract.py) unless
+every position's logits are asked for (all_logits), or the folder predates that input.
 With io_binding=False the same steps run on plain NumPy feeds (the reference path).
 
 The fused graph (config graph "ort", GroupQueryAttention) keeps each layer's cache in one
@@ -22,7 +24,7 @@ import onnxruntime as ort
 
 from llama2_onnx.errors import UserError
 
-from . import contract, hugepages
+from . import contract, hugepages, session_cache
 from .folder import FolderConfig, ModelFolderError, check_folder
 from .graph_check import check_graph_io
 from .providers import Provider, open_with_fallback, physical_cores, resolve
@@ -56,6 +58,7 @@ class Model:
     io_binding: bool = True
     device_id: int = 0
     huge_pages: object = None  # the thread moving the weights into huge pages (see hugepages.py), or None
+    startup: str = "off"  # the start-up cache (session_cache.py): "off", "hit" (opened from it) or "written"
     _kv_dtype: np.dtype = field(init=False)
 
     def __post_init__(self) -> None:
@@ -64,11 +67,14 @@ class Model:
         self._past_names = contract.past_names(a.n_layers)
         self._present_names = contract.present_names(a.n_layers)
         self.fused = self.config.graph == contract.GRAPH_ORT
+        # the head for the last position only (the optional input logits_to_keep; older folders lack it)
+        self.keeps_logits = contract.LOGITS_TO_KEEP in {i.name for i in self.session.get_overridable_initializers()}
 
     @classmethod
     def from_dir(cls, path: str | Path, provider: str = "auto", threads: int | None = None,
                  io_binding: bool = True, check_hashes: bool | None = None, device_id: int = 0,
-                 huge_pages: bool = True, progress=None, task: str = contract.TASK_GENERATION) -> "Model":
+                 huge_pages: bool = True, progress=None, task: str = contract.TASK_GENERATION,
+                 startup_cache: bool = True) -> "Model":
         """Open a model folder written by `llama2-onnx export`.
 
         Checks the manifest (file sizes always; sha256 on the first load of the folder, or
@@ -81,6 +87,8 @@ class Model:
         A provider that fails to start falls back to the CPU with a one-line note (providers.py).
         progress(stage, done, total), if given, is called as "verify" and "session" begin (LOAD_STAGES).
         task: what the caller runs (contract.TASKS); a folder of another task is refused in one line.
+        startup_cache (CPU): open the optimized, prepacked graph kept in the cache folder by an earlier
+        start of this folder with this ONNX Runtime on this CPU, or write it on this start (session_cache.py).
         """
         folder = Path(path)
         if progress:
@@ -91,19 +99,36 @@ class Model:
         prov = resolve(provider)
         if progress:
             progress("session", 1, len(LOAD_STAGES))
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or physical_cores()
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if prov.name == "dml":  # DirectML's rules: no memory patterns, sequential execution
-            opts.enable_mem_pattern = False
-            opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts = _options(prov, threads)
         model_path = folder / contract.MODEL_FILE  # an LFS pointer fails the manifest's size check
 
+        startup = "off"
+
         def open_on(p: Provider) -> ort.InferenceSession:
+            nonlocal startup
             p_opts = {"device_id": str(device_id)} if p.name in ("cuda", "dml") else {}
-            return ort.InferenceSession(str(model_path), opts, providers=[(p.ort_name, p_opts)])
+            if not (startup_cache and p.name == "cpu"):
+                return ort.InferenceSession(str(model_path), opts, providers=[(p.ort_name, p_opts)])
+            cached = session_cache.lookup(folder, p.name)
+            if cached is not None:
+                try:  # already optimized: opening it is reading the weights, prepacked
+                    session = ort.InferenceSession(str(cached), _options(p, threads, optimize=False), providers=[p.ort_name])
+                    startup = "hit"
+                    return session
+                except Exception:  # unreadable: write it again below
+                    pass
+            saving = _options(p, threads)
+            tmp = session_cache.saving(saving, folder)
+            if tmp is None:  # no room or no write access: this start keeps nothing
+                return ort.InferenceSession(str(model_path), opts, providers=[p.ort_name])
+            try:
+                session = ort.InferenceSession(str(model_path), saving, providers=[p.ort_name])
+            except Exception:  # perhaps only the writing failed (a full disk): a cache never costs a load
+                session_cache.discard(tmp)
+                return ort.InferenceSession(str(model_path), opts, providers=[p.ort_name])
+            session_cache.commit(tmp, folder, p.name)
+            startup = "written"
+            return session
 
         try:
             session, prov = open_with_fallback(open_on, prov, used=lambda s: s.get_providers()[0])
@@ -112,7 +137,7 @@ class Model:
         check_graph_io(folder, config, session.get_inputs(), session.get_outputs())
         moving = hugepages.collapse_in_background() if huge_pages and prov.name == "cpu" else None
         return cls(folder=folder, config=config, session=session, provider=prov, io_binding=io_binding,
-                   device_id=device_id, huge_pages=moving)
+                   device_id=device_id, huge_pages=moving, startup=startup)
 
     def wait_for_huge_pages(self, timeout: float | None = None) -> None:
         """Block until the weights are in huge pages (at once where none are being moved)."""
@@ -156,7 +181,7 @@ class Model:
         pos = cache.next_pos[:, None] + np.cumsum(new_mask, axis=1, dtype=np.int64) - 1  # (B, S)
         pos = np.maximum(pos, 0)
         feeds = {contract.INPUT_IDS: np.ascontiguousarray(input_ids, np.int64),
-                 contract.ATTENTION_MASK: mask, contract.POSITION_IDS: pos}
+                 contract.ATTENTION_MASK: mask, contract.POSITION_IDS: pos, **self._keep_feed(all_logits)}
         if self.io_binding:
             logits = self._run_bound(feeds, cache)
         else:
@@ -168,6 +193,12 @@ class Model:
         if all_logits:
             return _every_position(logits, s)
         return np.ascontiguousarray(logits[:, -1, :], dtype=np.float32)
+
+    def _keep_feed(self, all_logits: bool) -> dict:
+        """logits_to_keep for a step: every position (the graph's default) or the last one."""
+        if not self.keeps_logits:
+            return {}
+        return {contract.LOGITS_TO_KEEP: np.array(contract.KEEP_ALL if all_logits else 1, np.int64)}
 
     def _run_bound(self, feeds: dict, cache: KVCache) -> np.ndarray:
         binding = self.session.io_binding()
@@ -204,6 +235,8 @@ class Model:
             self._grow(cache, max(total, min(2 * cache.capacity, self.config.model.max_seq_len)))
         mask = (np.arange(total)[None, :] < lengths[:, None]).astype(np.int64)
         feeds = {contract.INPUT_IDS: np.ascontiguousarray(input_ids, np.int64), contract.ATTENTION_MASK: mask}
+        if s > 1 or not self.io_binding:  # a bound one-token step keeps the last value: both give [B, 1, V]
+            feeds.update(self._keep_feed(all_logits))
         if self.io_binding:
             logits = self._run_fused_bound(feeds, cache, s)
         else:
@@ -216,8 +249,9 @@ class Model:
             if padded:
                 np.put_along_axis(every, order[:, :, None], every.copy(), axis=1)
             return every
-        last = logits[np.arange(b), counts - 1]  # each row's last real token
-        return np.ascontiguousarray(last, dtype=np.float32)
+        # each row's last real token: the one position kept, or column counts - 1 of all of them
+        last = logits[:, -1] if logits.shape[1] == 1 else logits[np.arange(b), counts - 1]
+        return np.array(last, dtype=np.float32)  # a copy: a decode step's host buffer is reused
 
     def _run_fused_bound(self, feeds: dict, cache: KVCache, s: int) -> np.ndarray:
         """One run on the cache's own IOBinding: the KV buffers are bound once (as past input and
@@ -251,6 +285,19 @@ class Model:
             new[:, :, : old.shape[2]] = old
             bigger.append(self._to_device(new) if self.io_binding else new)
         cache.past, cache.capacity, cache.binding = bigger, capacity, None
+
+
+def _options(prov: Provider, threads: int | None, optimize: bool = True) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or physical_cores()
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if prov.name == "dml":  # DirectML's rules: no memory patterns, sequential execution
+        opts.enable_mem_pattern = False
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return opts
 
 
 def wrong_task(folder: Path, config: FolderConfig, task: str) -> str:

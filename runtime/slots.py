@@ -6,7 +6,8 @@ busy slots; when it ends the slot is freed and a new sequence can take it betwee
 Each slot keeps its own length, so the rows of a decode step may be at different positions.
 
     slots = make_slots(model, n_slots=8)        # FusedSlots for graph "ort", else PortableSlots
-    logits = slots.prefill(3, prompt_ids)        # (S, V): every position of this chunk
+    logits = slots.prefill(3, prompt_ids)        # (1, V): the chunk's last position
+    logits = slots.prefill(3, ids, all_logits=True)  # (S, V): every position (prompt logprobs)
     logits = slots.decode([0, 3], [t0, t3])      # (2, V): one token each for slots 0 and 3
     slots.free(3)
 
@@ -95,6 +96,8 @@ class FusedSlots(Slots):
         self._row_bytes = int(np.prod(self.row_shape)) * self.dtype.itemsize
         self._names = list(zip(contract.past_names(a.n_layers), contract.present_names(a.n_layers)))
         self.step_logits = np.empty((n_slots, 1, a.vocab_size), np.float32)  # where decode steps write
+        # logits_to_keep as OrtValues (IOBinding's bind_input does not know inputs with a default): all, last
+        self._keep = {flag: ort.OrtValue.ortvalue_from_numpy(_keep(flag)) for flag in (True, False)}
         self._prefill_bindings = [self._bind_rows(s, 1) for s in range(n_slots)]
         self._decode_bindings = [None] + [self._bind_rows(0, k) for k in range(1, n_slots + 1)]
         for k in range(1, n_slots + 1):
@@ -122,17 +125,21 @@ class FusedSlots(Slots):
             else:
                 binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, self.device, self.device_id))
 
-    def prefill(self, slot: int, ids: Sequence[int]) -> np.ndarray:
-        """Run ids after slot's cached tokens; return the logits of every one of them (S, V)."""
+    def prefill(self, slot: int, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Run ids after slot's cached tokens; return the last one's logits (1, V), or with all_logits
+        every one's (S, V)."""
         ids = self._check_prefill(slot, ids)  # (1, S)
         total = int(self.lengths[slot]) + ids.shape[1]
         mask = np.ones((1, total), np.int64)  # width == S on the first chunk: GQA's "empty cache"
         binding = self._prefill_bindings[slot]
         self._bind_feeds(binding, ids, mask)
+        if self.model.keeps_logits:  # the head on the last position only, unless all are asked for
+            binding.bind_ortvalue_input(contract.LOGITS_TO_KEEP, self._keep[all_logits])
         binding.bind_output(contract.LOGITS, "cpu")
         self.model.session.run_with_iobinding(binding)
         self.lengths[slot] = total
-        return binding.get_outputs()[0].numpy()[0]  # (S, V)
+        logits = binding.get_outputs()[0].numpy()[0]  # (S or 1, V)
+        return logits if all_logits else logits[-1:]
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
         """One token for each of slots; return their next-token logits (len(slots), V), valid until
@@ -170,17 +177,20 @@ class PortableSlots(Slots):
         super().free(slot)
         self.past[slot] = list(self._empty)
 
-    def _run(self, slot: int, ids: np.ndarray) -> np.ndarray:
+    def _run(self, slot: int, ids: np.ndarray, all_logits: bool = False) -> np.ndarray:
         start, s = int(self.lengths[slot]), ids.shape[1]
         feeds = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: np.ones((1, start + s), np.int64),
                  contract.POSITION_IDS: np.arange(start, start + s, dtype=np.int64)[None, :]}
+        if self.model.keeps_logits:
+            feeds[contract.LOGITS_TO_KEEP] = _keep(all_logits)
         feeds.update(zip(self._past_names, self.past[slot]))
         logits, *self.past[slot] = self.model.session.run(None, feeds)
         self.lengths[slot] = start + s
-        return logits[0]  # (S, V)
+        return logits[0]  # (S, V), or (1, V) when only the last was kept
 
-    def prefill(self, slot: int, ids: Sequence[int]) -> np.ndarray:
-        return self._run(slot, self._check_prefill(slot, ids))
+    def prefill(self, slot: int, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        logits = self._run(slot, self._check_prefill(slot, ids), all_logits)
+        return logits if all_logits else logits[-1:]
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
         self._check_decode(slots, tokens)
@@ -193,6 +203,11 @@ def _zeros_4k(shape: tuple, dtype: np.dtype) -> np.ndarray:
     8192, so the first token written to a row would make the whole row resident (377 MB for
     SmolLM2) and pay for zeroing it."""
     return np.frombuffer(mmap.mmap(-1, int(np.prod(shape)) * dtype.itemsize), dtype).reshape(shape)
+
+
+def _keep(all_logits: bool) -> np.ndarray:
+    """The logits_to_keep input: every position, or the last one."""
+    return np.array(contract.KEEP_ALL if all_logits else 1, np.int64)
 
 
 def make_slots(model: Model, n_slots: int, capacity: int | None = None) -> Slots:

@@ -303,7 +303,7 @@ class Engine:
         prompt = seq.req.prompt
         chunk = prompt[seq.read:seq.read + self.prompt_chunk]
         try:
-            logits = self.slots.prefill(seq.slot, chunk)  # (S, V)
+            logits = self.slots.prefill(seq.slot, chunk, all_logits=seq.prompt_logprobs is not None)  # (S or 1, V)
         except Exception as e:  # ORT failure: this request only
             self._finish(seq, ERROR, error=_one_line(e))
             return

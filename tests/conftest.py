@@ -29,6 +29,18 @@ def llama_tokenizer_model(llama_vocab_gguf, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache_in_tmp(tmp_path_factory):
+    """Start-up cache entries (runtime/session_cache.py) of this test session's temporary folders go
+    to a temporary folder too, not ~/.cache (SmolLM2's are 1.2 GB each)."""
+    from llama2_onnx.runtime import session_cache
+
+    root = tmp_path_factory.mktemp("sessions")
+    original, session_cache.sessions_dir = session_cache.sessions_dir, lambda: root
+    yield root
+    session_cache.sessions_dir = original
+
+
 # ---- exported models shared by the export, runtime and benchmark tests -------------------
 
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, ffn_hidden_dim=96, max_seq_len=128)

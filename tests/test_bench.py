@@ -127,7 +127,7 @@ def test_sweep_runs_the_product(tiny_onnx, tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--sweep", "prompt_len=4"], "NAME=V1,V2"),
     (["--sweep", "batch=a,b"], "integers"),
-    (["--peers", "llama.cpp"], "unknown peer"),
+    (["--peers", "llama.cpp2"], "unknown peer"),
     (["--new-tokens", "1"], "new tokens >= 2"),
     (["--prompt-len", "200"], "context"),
     (["--threads", "0"], "--threads"),
@@ -175,13 +175,20 @@ def test_parse_sweep_and_points():
 
 
 def test_table_lists_skipped_notes(bench_json):
-    fake = {**bench_json, "rows": bench_json["rows"] + [{**bench_json["rows"][0], "label": "x", "status": "skipped",
-                                                          "note": "x is not installed"}]}
+    fake = {**bench_json, "startup": None, "rows": bench_json["rows"] + [{**bench_json["rows"][0], "label": "x",
+                                                                          "status": "skipped", "note": "x is not installed"}]}
     text = report.format_table(fake)
     assert "decode tok/s" in text and "ours io-binding on" in text and "x: skipped (x is not installed)" in text
     md = report.format_markdown(fake).splitlines()
     assert md[0].startswith("| system |") and len(md) == 2 + len(ok_rows(bench_json)) + 1
     assert md[-1] == "- x: skipped (x is not installed)"
+
+
+def test_startup_is_timed_without_the_cache_then_first_and_second(bench_json):
+    starts = bench_json["startup"]  # benchmarks/startup.py: fresh processes
+    assert [starts[k]["startup"] for k in ("off", "first", "second")] == ["off", "written", "hit"]
+    assert all(s["start_s"] >= s["from_dir_s"] > 0 for s in starts.values())
+    assert "second start" in report.format_table(bench_json) and "- start first:" in report.format_markdown(bench_json)
 
 
 def test_bench_cli_imports_without_torch():
@@ -244,3 +251,16 @@ def test_export_bench_reports_time_memory_and_copy(tiny_hf_checkpoint, tmp_path,
     assert not any(p.name.startswith(".export-bench-") for p in tiny_hf_checkpoint.parent.iterdir())  # scratch removed
     assert export_bench.main([str(tmp_path / "missing")]) == 2
     assert "make_checkpoint" in capsys.readouterr().err
+
+
+def test_llama_cpp_peer_runs_the_source_gguf_at_batch_one():
+    from llama2_onnx.benchmarks.job import Job
+    from llama2_onnx.benchmarks.peers import PEERS, PRECISION_OF, skip_reason
+
+    peer = PEERS["llama.cpp"]
+    job = Job(system="llama.cpp", model_dir="m", prompt_ids=[1], new_tokens=2, checkpoint=__file__, checkpoint_format="hf")
+    why = skip_reason(peer, job)
+    assert "llama_cpp is not installed" in why or "gguf" in why
+    if "gguf" in why:  # installed: refuses a batch and a checkpoint that is not a GGUF
+        assert "batch" in skip_reason(peer, Job(**{**job.__dict__, "checkpoint_format": "gguf", "batch": 2}))
+    assert PRECISION_OF[peer.weights]("fp32", "int4", "cpu") == "gguf"

@@ -44,7 +44,8 @@ def test_io_contract(tiny_onnx, tiny_args):
     assert list(outs) == contract.output_names(tiny_args.n_layers)
     assert ins["past_key_values.0.key"] == ["batch_size", 2, "past_sequence_length", 16]
     assert outs["present.1.value"] == ["batch_size", 2, "total_sequence_length", 16]
-    assert outs["logits"] == ["batch_size", "sequence_length", 32000]
+    assert outs["logits"] == ["batch_size", "logits_sequence_length", 32000]
+    assert [i.name for i in s.get_overridable_initializers()] == [contract.LOGITS_TO_KEEP]  # optional, default all
 
 
 def test_prompt_pass_and_ten_cached_steps_match_pytorch(tiny_onnx, tiny_torch_model, tiny_args):

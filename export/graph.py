@@ -178,11 +178,14 @@ class DecoderGraph:
         stacked = self.w.node("Concat", [self.w.node("Unsqueeze", [r0, axis]), self.w.node("Unsqueeze", [r1, axis])], axis=-1)
         return self._cast(self.w.node("Reshape", [stacked, self.w.const([0, 0, heads, hd])]), self.onnx_dtype)
 
+    def _width(self, t: str) -> str:
+        """t's axis-1 size as an int64 scalar (S of [B, S, ...], T of the mask)."""
+        return self.w.node("Gather", [self.w.node("Shape", [t]), self.w.const(1)], axis=0)
+
     def _attention_bias(self, input_ids: str, attention_mask: str) -> str:
         """Additive float32 mask [B, 1, S, T] (models/llama.attention_bias)."""
         zero, one = self.w.const(0), self.w.const(1)
-        s = self.w.node("Gather", [self.w.node("Shape", [input_ids]), one], axis=0)
-        t = self.w.node("Gather", [self.w.node("Shape", [attention_mask]), one], axis=0)
+        s, t = self._width(input_ids), self._width(attention_mask)
         q_idx = self.w.node("Add", [self.w.node("Range", [zero, s, one]), self.w.node("Sub", [t, s])])
         q_idx = self.w.node("Unsqueeze", [q_idx, self.w.const([1])])  # [S, 1]
         k_idx = self.w.node("Unsqueeze", [self.w.node("Range", [zero, t, one]), self.w.const([0])])  # [1, T]
@@ -264,8 +267,7 @@ class DecoderGraph:
         # GroupQueryAttention's lengths: seqlens_k = real tokens - 1 per row, total = mask width
         lengths = w.node("ReduceSum", [contract.ATTENTION_MASK, w.const([1])], keepdims=0)
         seqlens_k = w.node("Cast", [w.node("Sub", [lengths, w.const(1)])], to=onnx.TensorProto.INT32)
-        total = w.node("Cast", [w.node("Gather", [w.node("Shape", [contract.ATTENTION_MASK]), w.const(1)], axis=0)],
-                       to=onnx.TensorProto.INT32)
+        total = w.node("Cast", [self._width(contract.ATTENTION_MASK)], to=onnx.TensorProto.INT32)
         hd = a.head_dim
         angles = np.outer(np.arange(a.max_seq_len, dtype=np.float32),
                           1.0 / (a.rope_theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd)))
@@ -299,8 +301,7 @@ class DecoderGraph:
             self.on_layer(i)
         if self.whole:
             # each row's tokens end at min(its mask's sum, S): the sum on a first (right-padded) step, S after
-            s = None if self.classifier else w.node("Gather", [w.node("Shape", [contract.INPUT_IDS]), w.const(1)], axis=0)
-            self._final(x, None if self.classifier else w.node("Min", [lengths, s]))
+            self._final(x, None if self.classifier else w.node("Min", [lengths, self._width(contract.INPUT_IDS)]))
 
     def _final(self, x: str, ends: str | None) -> None:
         """x: the final norm's output [B, S, dim]; ends: each row's end in x [B] (right-aligned rows), or
@@ -319,7 +320,7 @@ class DecoderGraph:
             start = w.node("Where", [everything, w.const(0), w.node("Neg", [n])])
             return w.node("Slice", [x, w.node("Unsqueeze", [start, w.const([0])]), w.const([np.iinfo(np.int64).max]),
                                     w.const([1])])
-        s = w.node("Gather", [w.node("Shape", [x]), w.const(1)], axis=0)
+        s = self._width(x)
         count = w.node("Min", [w.node("Where", [everything, s, n]), s])  # K
         start = w.node("Where", [everything, w.const(0), w.node("Sub", [ends, count])])  # [B]
         index = w.node("Add", [w.node("Unsqueeze", [start, w.const([1])]), w.node("Range", [w.const(0), count, w.const(1)])])
@@ -334,8 +335,7 @@ class DecoderGraph:
         if self.a.pad_id is not None:
             real = w.node("Cast", [w.node("Not", [w.node("Equal", [ids, w.const(self.a.pad_id)])])], to=onnx.TensorProto.INT64)
             keep = w.node("Mul", [keep, real])
-        s = w.node("Gather", [w.node("Shape", [ids]), w.const(1)], axis=0)
-        index = w.node("Mul", [w.node("Range", [w.const(0), s, w.const(1)]), keep])  # [B, S]: position or 0
+        index = w.node("Mul", [w.node("Range", [w.const(0), self._width(ids), w.const(1)]), keep])  # [B, S]: position or 0
         last = w.node("ArgMax", [index], axis=1, keepdims=1)  # [B, 1]; the first of ties: 0 for a row of padding
         return w.node("GatherND", [x, last], batch_dims=1)  # [B, dim]
 

@@ -32,7 +32,7 @@ from llama2_onnx.errors import UserError
 
 from . import tensor_files
 from .checkpoint_layout import IGNORED, expected_shapes, hf_to_meta, rope_heads, shard_dim, source_name, to_meta_name
-from .config import PROBLEM_TYPES, ConfigError, ModelArgs, hf_labels, load_json
+from .config import PROBLEM_TYPES, ConfigError, ModelArgs, default_labels, hf_labels, load_json
 from .gguf_vocab import VocabError, read_vocab
 from .tensor_files import TensorFileError, TensorRef
 
@@ -342,7 +342,7 @@ def open_gguf(path: Path) -> LazyCheckpoint:
                       num_labels=num_labels)
     labels = meta.get(GGUF_LABELS) if num_labels else None
     if num_labels and not (isinstance(labels, list) and len(labels) == num_labels and all(isinstance(x, str) for x in labels)):
-        labels = [f"LABEL_{i}" for i in range(num_labels)]
+        labels = default_labels(num_labels)
     tokens = (vocab or {}).get("tokenizer.ggml.tokens")
     ids = {"bos": args.bos_id, "eos": args.eos_id, "padding": args.pad_id}
     outside = [k for k, i in ids.items() if tokens is not None and i is not None and i >= len(tokens)]

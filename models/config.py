@@ -305,6 +305,11 @@ HF_ARCHITECTURES = ("LlamaForCausalLM", HF_CLASSIFIER)
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 
+def default_labels(n: int) -> list[str]:
+    """transformers' names for labels a config does not name: LABEL_0 ... LABEL_{n-1}."""
+    return [f"LABEL_{i}" for i in range(n)]
+
+
 def hf_labels(cfg: dict[str, Any]) -> list[str]:
     """A classifier config's labels in id order, as transformers reads them: id2label; an explicit
     num_labels that disagrees with it wins with LABEL_i names; neither gives transformers' default two."""
@@ -313,7 +318,7 @@ def hf_labels(cfg: dict[str, Any]) -> list[str]:
     if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
         raise ConfigError(f"num_labels must be a positive integer, got {_show(n)}: {fix}")
     if id2label is None or (n is not None and isinstance(id2label, dict) and n != len(id2label)):
-        return [f"LABEL_{i}" for i in range(2 if n is None else n)]
+        return default_labels(2 if n is None else n)
     if not isinstance(id2label, dict) or not id2label:
         raise ConfigError(f"id2label must be an object of label names by id, got {_show(id2label)}: {fix}")
     want = {str(i) for i in range(len(id2label))}

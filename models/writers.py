@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .checkpoint_layout import expected_shapes, meta_to_hf, rope_heads, shard_dim, source_name
-from .config import ModelArgs, meta_ffn_hidden_dim
+from .config import HF_CLASSIFIER, ModelArgs, default_labels, meta_ffn_hidden_dim
 
 
 def _weights(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
@@ -105,21 +105,17 @@ def write_meta(state_dict: dict[str, torch.Tensor], args: ModelArgs, out_dir: st
 
 # ---- Hugging Face -----------------------------------------------------------------
 
-def default_labels(args: ModelArgs) -> list[str]:
-    return [f"LABEL_{i}" for i in range(args.num_labels or 0)]
-
-
 def hf_config(args: ModelArgs, dtype: torch.dtype, labels: list[str] | None = None) -> dict[str, Any]:
     """config.json of a transformers LlamaForCausalLM, or LlamaForSequenceClassification with its
     labels (default LABEL_i) when args.num_labels is set."""
     classifier = {}
     if args.is_classifier:
-        labels = labels or default_labels(args)
+        labels = labels or default_labels(args.num_labels)
         if len(labels) != args.num_labels:
             raise ValueError(f"{len(labels)} labels for num_labels {args.num_labels}")
         classifier = {"id2label": {str(i): x for i, x in enumerate(labels)}, "label2id": {x: i for i, x in enumerate(labels)}}
     return {
-        "architectures": ["LlamaForSequenceClassification" if args.is_classifier else "LlamaForCausalLM"], **classifier,
+        "architectures": [HF_CLASSIFIER if args.is_classifier else "LlamaForCausalLM"], **classifier,
         "model_type": "llama",
         "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim,
         "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
@@ -244,7 +240,7 @@ def write_gguf(state_dict: dict[str, torch.Tensor], args: ModelArgs, path: str |
     for key, value in (vocab if vocab is not None else minimal_vocab(args)).items():
         add_gguf_value(w, key, value)
     if args.is_classifier:  # llama.cpp's classifier key; the head is cls.output.weight
-        w.add_array("llama.classifier.output_labels", labels or default_labels(args))
+        w.add_array("llama.classifier.output_labels", labels or default_labels(args.num_labels))
     for name, t in _weights(state_dict, args).items():
         arr = t.detach().float().numpy()
         if arr.ndim == 1 or qt == GGMLQuantizationType.F32:  # norms stay F32, as llama.cpp writes them

@@ -25,6 +25,7 @@ from llama2_onnx.errors import UserError
 
 from . import contract
 from .folder import FolderConfig
+from .logprobs import log_softmax
 from .session import Model
 from .tokenizer import Tokenizer, load_tokenizer, well_formed
 
@@ -56,8 +57,7 @@ def apply(logits: np.ndarray, function: str) -> np.ndarray:
     """logits [N, num_labels] -> scores [N, num_labels] (float64) by softmax, sigmoid or none."""
     x = logits.astype(np.float64)
     if function == "softmax":
-        e = np.exp(x - x.max(-1, keepdims=True))
-        return e / e.sum(-1, keepdims=True)
+        return np.exp(log_softmax(x))
     if function == "sigmoid":
         return 1.0 / (1.0 + np.exp(-x))
     if function == "none":
@@ -163,8 +163,7 @@ class TextClassificationPipeline:
         clf = self.classifier
         scores = apply(clf.logits(texts, truncation), (function or activation(clf.config)).lower())
         if top_k is UNSET:
-            best = [{"label": clf.labels[int(s.argmax())], "score": float(s.max())} for s in scores]
-            return best
+            return [{"label": clf.labels[int(s.argmax())], "score": float(s.max())} for s in scores]
         ranked = [sorted(({"label": x, "score": float(v)} for x, v in zip(clf.labels, s)), key=lambda d: -d["score"])[:top_k]
                   for s in scores]
         return ranked[0] if single else ranked

@@ -4,8 +4,8 @@ inside the model folder before ONNX Runtime opens anything.
 
 ONNX Runtime resolves a location relative to model.onnx; releases before 1.2x follow "../x",
 absolute paths and symlinks out of the folder. So each location must be a plain file name,
-listed in the manifest, a regular file that resolves inside the folder, and each tensor's
-offset + length must lie within that file.
+listed in the manifest (check_manifest has made sure each listed file is a regular file inside
+the folder, of the listed size), and each tensor's offset + length must lie within that file.
 
 The messages walked, and their field numbers (onnx/onnx.proto):
 
@@ -22,12 +22,11 @@ The messages walked, and their field numbers (onnx/onnx.proto):
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .folder import ModelFolderError, plain_file_name
+from .folder import Listed, ModelFolderError, plain_file_name
 
 # message kind -> {field number: kind of the message in that field}; "tensor" is read, not walked
 CHILDREN: dict[str, dict[int, str]] = {
@@ -153,10 +152,11 @@ def external_tensors(data: bytes) -> list[ExternalTensor]:
 # ---- the check -------------------------------------------------------------------------------
 
 
-def check_external_data(folder: Path, listed: set[str], model_file: str) -> set[str]:
+def check_external_data(folder: Path, listed: dict[str, Listed], model_file: str) -> set[str]:
     """Refuse (ModelFolderError, one line) any external-data location of folder/model_file that is
-    not a plain file name listed in the manifest, resolving inside the folder, holding the bytes
-    the tensor claims. Returns the data files used."""
+    not a plain file name listed in the manifest, or a range past the end of that file. listed is
+    check_manifest's answer: each listed file is already a regular file inside the folder of the
+    listed size, so its size is taken from there. Returns the data files used."""
     path = folder / model_file
     try:
         tensors = external_tensors(path.read_bytes())
@@ -164,9 +164,7 @@ def check_external_data(folder: Path, listed: set[str], model_file: str) -> set[
         raise ModelFolderError(f"{path} is not a valid ONNX model ({e}); export it again") from None
     except OSError as e:
         raise ModelFolderError(f"cannot read {path} ({e.strerror}); check the folder's permissions") from None
-    root = os.path.realpath(folder)
     used: set[str] = set()
-    sizes: dict[str, int] = {}
     for t in tensors:
         loc = t.location
         where = f"{path}: tensor {t.name!r} keeps its data in {loc!r}"
@@ -174,15 +172,9 @@ def check_external_data(folder: Path, listed: set[str], model_file: str) -> set[
             raise ModelFolderError(f"{where}, not a plain file name inside the model folder; refusing to load it: export the model again")
         if loc not in listed:
             raise ModelFolderError(f"{where}, which the manifest does not list; refusing to load it: export the model again")
-        if loc not in sizes:
-            target = folder / loc
-            if os.path.dirname(os.path.realpath(target)) != root or not target.is_file():
-                raise ModelFolderError(f"{where}, which is not a regular file inside the model folder (a symlink out of it?); "
-                                       "copy the real file into the folder or export again")
-            sizes[loc] = target.stat().st_size
-        end = t.offset + (t.length or 0)
-        if t.offset < 0 or (t.length is not None and t.length < 0) or end > sizes[loc]:
+        size = listed[loc].size
+        if t.offset < 0 or (t.length is not None and t.length < 0) or t.offset + (t.length or 0) > size:
             raise ModelFolderError(f"{where} at offset {t.offset} length {t.length}, past the end of that "
-                                   f"{sizes[loc]}-byte file; export the model again")
+                                   f"{size}-byte file; export the model again")
         used.add(loc)
     return used

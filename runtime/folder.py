@@ -217,5 +217,5 @@ def check_folder(folder: Path, *, hashes: bool | None = None) -> FolderConfig:
     for name in sorted(needed - set(files)):
         raise ModelFolderError(f"{folder / contract.MANIFEST_FILE} does not list {name}, which the model reads: "
                                "the manifest must name every file the model needs; export it again")
-    check_external_data(folder, set(files), contract.MODEL_FILE)
+    check_external_data(folder, files, contract.MODEL_FILE)
     return config

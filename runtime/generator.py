@@ -36,6 +36,17 @@ def stop_strings(stop: str | Sequence[str] | None) -> list[str]:
     return stops
 
 
+def split_at_stop(pending: str, stop: Sequence[str]) -> tuple[str, str, bool]:
+    """Decoded text not yet released -> (text to release now, text held back, whether a stop string
+    was hit): cut before the first stop string, else hold back a tail that may yet become one."""
+    hits = [h for h in (pending.find(s) for s in stop) if h >= 0]
+    if hits:
+        return pending[:min(hits)], "", True
+    keep = max((k for s in stop for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
+    cut = len(pending) - keep
+    return pending[:cut], pending[cut:], False
+
+
 @dataclass
 class Timings:
     prompt_ms: float = 0.0  # prompt pass + first token: the time to first token
@@ -293,17 +304,10 @@ class Generator:
         row.tokens.append(tok)
         if logprob is not None:
             row.logprobs.append(logprob)
-        row.pending += row.decoder.push(tok)
-        if not stop:
-            return self._emit(row, row.pending)
-        hits = [h for h in (row.pending.find(s) for s in stop) if h >= 0]
-        if hits:
+        text, keep, hit = split_at_stop(row.pending + row.decoder.push(tok), stop)
+        if hit:
             row.finish = FINISH_STOP
-            return self._emit(row, row.pending[:min(hits)])
-        # hold back a tail that may yet become a stop string
-        keep = max((k for s in stop for k in range(1, len(s)) if row.pending.endswith(s[:k])), default=0)
-        cut = len(row.pending) - keep
-        return self._emit(row, row.pending[:cut], keep=row.pending[cut:])
+        return self._emit(row, text, keep=keep)
 
     @staticmethod
     def _emit(row: _Row, text: str, keep: str = "") -> str:

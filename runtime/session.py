@@ -99,39 +99,11 @@ class Model:
         prov = resolve(provider)
         if progress:
             progress("session", 1, len(LOAD_STAGES))
-        opts = _options(prov, threads)
         model_path = folder / contract.MODEL_FILE  # an LFS pointer fails the manifest's size check
-
-        startup = "off"
-
-        def open_on(p: Provider) -> ort.InferenceSession:
-            nonlocal startup
-            p_opts = {"device_id": str(device_id)} if p.name in ("cuda", "dml") else {}
-            if not (startup_cache and p.name == "cpu"):
-                return ort.InferenceSession(str(model_path), opts, providers=[(p.ort_name, p_opts)])
-            cached = session_cache.lookup(folder, p.name)
-            if cached is not None:
-                try:  # already optimized: opening it is reading the weights, prepacked
-                    session = ort.InferenceSession(str(cached), _options(p, threads, optimize=False), providers=[p.ort_name])
-                    startup = "hit"
-                    return session
-                except Exception:  # unreadable: write it again below
-                    pass
-            saving = _options(p, threads)
-            tmp = session_cache.saving(saving, folder)
-            if tmp is None:  # no room or no write access: this start keeps nothing
-                return ort.InferenceSession(str(model_path), opts, providers=[p.ort_name])
-            try:
-                session = ort.InferenceSession(str(model_path), saving, providers=[p.ort_name])
-            except Exception:  # perhaps only the writing failed (a full disk): a cache never costs a load
-                session_cache.discard(tmp)
-                return ort.InferenceSession(str(model_path), opts, providers=[p.ort_name])
-            session_cache.commit(tmp, folder, p.name)
-            startup = "written"
-            return session
-
         try:
-            session, prov = open_with_fallback(open_on, prov, used=lambda s: s.get_providers()[0])
+            (session, startup), prov = open_with_fallback(
+                lambda p: _open(model_path, p, threads, device_id, startup_cache), prov,
+                used=lambda opened: opened[0].get_providers()[0])
         except Exception as e:  # ORT raises its own types; one line for the user
             raise ModelFolderError(f"onnxruntime could not load {model_path}: {str(e).splitlines()[0]}") from None
         check_graph_io(folder, config, session.get_inputs(), session.get_outputs())
@@ -196,9 +168,7 @@ class Model:
 
     def _keep_feed(self, all_logits: bool) -> dict:
         """logits_to_keep for a step: every position (the graph's default) or the last one."""
-        if not self.keeps_logits:
-            return {}
-        return {contract.LOGITS_TO_KEEP: np.array(contract.KEEP_ALL if all_logits else 1, np.int64)}
+        return {contract.LOGITS_TO_KEEP: logits_to_keep(all_logits)} if self.keeps_logits else {}
 
     def _run_bound(self, feeds: dict, cache: KVCache) -> np.ndarray:
         binding = self.session.io_binding()
@@ -287,6 +257,35 @@ class Model:
         cache.past, cache.capacity, cache.binding = bigger, capacity, None
 
 
+def _open(model_path: Path, p: Provider, threads: int | None, device_id: int,
+          startup_cache: bool) -> tuple[ort.InferenceSession, str]:
+    """A session on provider p, and how the start-up cache served it (session_cache.py): "hit" (opened
+    from the cache), "written" (this start wrote it) or "off". A cache never costs a load: when it
+    cannot be written, the folder is opened as it is."""
+    opts = _options(p, threads)
+    if not (startup_cache and p.name == "cpu"):
+        p_opts = {"device_id": str(device_id)} if p.name in ("cuda", "dml") else {}
+        return ort.InferenceSession(str(model_path), opts, providers=[(p.ort_name, p_opts)]), "off"
+    folder = model_path.parent
+    cached = session_cache.lookup(folder, p.name)
+    if cached is not None:
+        try:  # already optimized: opening it is reading the weights, prepacked
+            return ort.InferenceSession(str(cached), _options(p, threads, optimize=False), providers=[p.ort_name]), "hit"
+        except Exception:  # unreadable: written again below
+            pass
+    saving = _options(p, threads)
+    tmp = session_cache.saving(saving, folder)
+    if tmp is not None:
+        try:
+            session = ort.InferenceSession(str(model_path), saving, providers=[p.ort_name])
+        except Exception:  # perhaps only the writing failed (a full disk)
+            session_cache.discard(tmp)
+        else:
+            session_cache.commit(tmp, folder, p.name)
+            return session, "written"
+    return ort.InferenceSession(str(model_path), opts, providers=[p.ort_name]), "off"
+
+
 def _options(prov: Provider, threads: int | None, optimize: bool = True) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or physical_cores()
@@ -307,6 +306,11 @@ def wrong_task(folder: Path, config: FolderConfig, task: str) -> str:
                 f"classify with it (`llama2-onnx classify {folder} --text ...` or runtime.Classifier)")
     return (f"{folder} is a text generator, not a text classifier: use generate/chat with it, or export a "
             "LlamaForSequenceClassification checkpoint to classify")
+
+
+def logits_to_keep(all_logits: bool) -> np.ndarray:
+    """The logits_to_keep input: every position (contract.KEEP_ALL), or the last one."""
+    return np.array(contract.KEEP_ALL if all_logits else 1, np.int64)
 
 
 def _every_position(logits: np.ndarray, s: int) -> np.ndarray:

@@ -26,6 +26,7 @@ import os
 import platform
 import shutil
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 import onnxruntime as ort
@@ -35,6 +36,7 @@ from . import contract
 MODEL, DATA, KEY = "model.opt.onnx", "model.opt.onnx.data", "key.json"
 
 
+@lru_cache(maxsize=None)  # lookup and commit both need it; the CPU does not change under a process
 def _cpu() -> str:
     """The CPU's model name and instruction-set flags (Linux), or the platform's processor name."""
     try:

@@ -43,7 +43,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import contract
-from .session import Model
+from .session import Model, logits_to_keep
 
 
 class Slots:
@@ -97,7 +97,7 @@ class FusedSlots(Slots):
         self._names = list(zip(contract.past_names(a.n_layers), contract.present_names(a.n_layers)))
         self.step_logits = np.empty((n_slots, 1, a.vocab_size), np.float32)  # where decode steps write
         # logits_to_keep as OrtValues (IOBinding's bind_input does not know inputs with a default): all, last
-        self._keep = {flag: ort.OrtValue.ortvalue_from_numpy(_keep(flag)) for flag in (True, False)}
+        self._keep = {flag: ort.OrtValue.ortvalue_from_numpy(logits_to_keep(flag)) for flag in (True, False)}
         self._prefill_bindings = [self._bind_rows(s, 1) for s in range(n_slots)]
         self._decode_bindings = [None] + [self._bind_rows(0, k) for k in range(1, n_slots + 1)]
         for k in range(1, n_slots + 1):
@@ -182,7 +182,7 @@ class PortableSlots(Slots):
         feeds = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: np.ones((1, start + s), np.int64),
                  contract.POSITION_IDS: np.arange(start, start + s, dtype=np.int64)[None, :]}
         if self.model.keeps_logits:
-            feeds[contract.LOGITS_TO_KEEP] = _keep(all_logits)
+            feeds[contract.LOGITS_TO_KEEP] = logits_to_keep(all_logits)
         feeds.update(zip(self._past_names, self.past[slot]))
         logits, *self.past[slot] = self.model.session.run(None, feeds)
         self.lengths[slot] = start + s
@@ -203,11 +203,6 @@ def _zeros_4k(shape: tuple, dtype: np.dtype) -> np.ndarray:
     8192, so the first token written to a row would make the whole row resident (377 MB for
     SmolLM2) and pay for zeroing it."""
     return np.frombuffer(mmap.mmap(-1, int(np.prod(shape)) * dtype.itemsize), dtype).reshape(shape)
-
-
-def _keep(all_logits: bool) -> np.ndarray:
-    """The logits_to_keep input: every position, or the last one."""
-    return np.array(contract.KEEP_ALL if all_logits else 1, np.int64)
 
 
 def make_slots(model: Model, n_slots: int, capacity: int | None = None) -> Slots:

@@ -77,6 +77,7 @@ class Guard:
     def __init__(self, app, *, state: ServerState, api_key: str | None, max_body: int):
         self.app, self.state, self.max_body = app, state, max_body
         self.key = api_key.encode() if api_key else None
+        self.too_large = APIError(413, f"the request body is larger than {max_body} bytes", code="request_too_large")
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -99,13 +100,12 @@ class Guard:
                 what = "Incorrect API key provided" if given else "Missing API key: send it as 'Authorization: Bearer KEY'"
                 err = APIError(401, what, code="invalid_api_key")
                 return await _error_response(err)(scope, receive, counted_send)
-        too_large = APIError(413, f"the request body is larger than {self.max_body} bytes", code="request_too_large")
         try:
             length = int(headers.get(b"content-length", b"0"))
         except ValueError:
             length = 0
         if length > self.max_body:
-            return await _error_response(too_large)(scope, receive, counted_send)
+            return await _error_response(self.too_large)(scope, receive, counted_send)
         seen = 0
 
         async def limited_receive():
@@ -121,7 +121,7 @@ class Guard:
             await self.app(scope, limited_receive, counted_send)
         except _TooLarge:
             if not started:
-                await _error_response(too_large)(scope, receive, counted_send)
+                await _error_response(self.too_large)(scope, receive, counted_send)
 
 
 # ---- disconnects -----------------------------------------------------------------------------------

@@ -48,7 +48,6 @@ async def score(service: Service, req: ScoreRequest) -> list[dict] | dict:
     record = {}
     for i, (prompt, fin) in enumerate(zip(prompts, finished)):
         check_finish(fin, service.timeout_s)
-        first = group.tokens[i][0].token if group.tokens[i] else None
-        text = service.lead_space(first, fin.text)
+        text = service.lead_space(group.first_token(i), fin.text)
         record[str(i)] = prompt + text if full else text
     return [record]

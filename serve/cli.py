@@ -17,7 +17,7 @@ import webbrowser
 from pathlib import Path
 
 from llama2_onnx.errors import UserError
-from llama2_onnx.runtime.cli_common import add_model_arguments, default_model
+from llama2_onnx.runtime.cli_common import add_model_arguments, default_model, open_generator
 
 from . import cli_ray
 
@@ -117,9 +117,8 @@ def run(args) -> int:
 
     def load() -> None:
         try:
-            service = Service.open(folder, max_batch=args.max_batch, max_queue=args.max_queue, timeout_s=args.timeout,
-                                   provider=args.provider, threads=args.threads, io_binding=not args.no_io_binding,
-                                   check_hashes=args.check_hashes, huge_pages=not args.no_huge_pages)
+            service = Service.from_generator(open_generator(args), max_batch=args.max_batch, max_queue=args.max_queue,
+                                             timeout_s=args.timeout, model_id=folder.name)
         except Exception as e:  # UserError or an ORT failure: one line, then stop the server
             failed.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
             server.should_exit = True

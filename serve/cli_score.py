@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from llama2_onnx.errors import UserError
-from llama2_onnx.runtime.cli_common import add_model_arguments, default_model
+from llama2_onnx.runtime.cli_common import add_model_arguments, default_model, open_generator
 
 
 def add_arguments(p) -> None:
@@ -43,9 +43,8 @@ def run(args) -> int:
     source, output = Path(args.input), Path(args.output)
     open_job(source, output, parameters)[1].close()  # bad input or output fails here, before the model loads
     folder = Path(args.model) if args.model else default_model()
-    service = Service.open(folder, max_batch=args.max_batch, max_queue=4 * args.max_batch, timeout_s=args.timeout,
-                           provider=args.provider, threads=args.threads, io_binding=not args.no_io_binding,
-                           check_hashes=args.check_hashes, huge_pages=not args.no_huge_pages)
+    service = Service.from_generator(open_generator(args), max_batch=args.max_batch, max_queue=4 * args.max_batch,
+                                     timeout_s=args.timeout, model_id=folder.name)
     try:
         summary = score(service, source, output, parameters=parameters, progress=sys.stderr.isatty())
     finally:

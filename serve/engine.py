@@ -49,7 +49,8 @@ from typing import Callable
 import numpy as np
 
 from llama2_onnx.runtime.chat_format import CHAT_FORMATS
-from llama2_onnx.runtime.generator import Generator
+from llama2_onnx.runtime.generator import Generator, split_at_stop
+from llama2_onnx.runtime.logprobs import log_softmax, token_logprobs
 from llama2_onnx.runtime.sampler import SamplingError, SamplingParams, make_rng, sample
 from llama2_onnx.runtime.session import Model
 from llama2_onnx.runtime.slots import make_slots
@@ -145,13 +146,6 @@ class _Seq:
     @property
     def prefilling(self) -> bool:
         return self.read < len(self.req.prompt)
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """(..., V) float32 -> float64 log-probabilities."""
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 # ---- the engine ------------------------------------------------------------------------------------
@@ -309,9 +303,8 @@ class Engine:
             return
         self.counts["prefill_chunks"] += 1
         if seq.prompt_logprobs is not None:  # logits[j] predicts prompt[read + j + 1]
-            nxt = np.asarray(prompt[seq.read + 1:seq.read + len(chunk) + 1])  # (S or S-1,)
-            logp = log_softmax(logits[:len(nxt)])
-            seq.prompt_logprobs += logp[np.arange(len(nxt)), nxt].tolist()
+            nxt = prompt[seq.read + 1:seq.read + len(chunk) + 1]  # (S or S-1,)
+            seq.prompt_logprobs += token_logprobs(logits[:len(nxt)], nxt).tolist()
         seq.read += len(chunk)
         if not seq.prefilling:
             self.counts["prompt_tokens"] += len(prompt)
@@ -359,15 +352,9 @@ class Engine:
 
     def _release(self, seq: _Seq, pending: str) -> tuple[str, bool]:
         """Generator's stop-string rule: (text to release now, whether a stop string was hit)."""
-        stop = seq.req.stop
-        hits = [h for h in (pending.find(s) for s in stop) if h >= 0]
-        if hits:
-            text, seq.pending = pending[:min(hits)], ""
-        else:  # hold back a tail that may yet become a stop string
-            keep = max((k for s in stop for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
-            text, seq.pending = pending[:len(pending) - keep], pending[len(pending) - keep:]
+        text, seq.pending, hit = split_at_stop(pending, seq.req.stop)
         seq.text += text
-        return text, bool(hits)
+        return text, hit
 
     def _emit(self, seq: _Seq, event: Event) -> bool:
         """Call the request's callback; a callback that raises cancels its request."""

@@ -12,12 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# status -> the OpenAI error type for it
-ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
-               503: "server_error", 504: "server_error"}
-
-
 @dataclass
 class APIError(Exception):
     status: int
@@ -31,7 +25,8 @@ class APIError(Exception):
 
     @property
     def type(self) -> str:
-        return ERROR_TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        """OpenAI's error type: the client's fault (4xx) or the server's (5xx)."""
+        return "invalid_request_error" if self.status < 500 else "server_error"
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

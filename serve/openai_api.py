@@ -32,6 +32,15 @@ def _lp(x: float | None) -> float | None:
     return None if x is None else (float(x) if math.isfinite(x) else FLOOR)
 
 
+def _stream_error(event: FinishEvent, timeout_s: float | None) -> dict | None:
+    """The {"error": ...} chunk that ends a stream whose request failed after it started, else None."""
+    try:
+        check_finish(event, timeout_s)
+    except APIError as e:
+        return e.body()
+    return None
+
+
 def _usage(finished: list[FinishEvent]) -> dict:
     p = sum(f.prompt_tokens for f in finished)
     c = sum(f.completion_tokens for f in finished)
@@ -106,10 +115,8 @@ async def _chat_stream(service: Service, req: ChatCompletionRequest, group: RunG
             continue
         if event.reason == "cancelled":
             return
-        try:
-            check_finish(event, service.timeout_s)
-        except APIError as e:
-            yield e.body()
+        if (error := _stream_error(event, service.timeout_s)) is not None:
+            yield error
             return
         if event.tail:
             yield chunk({"content": event.tail})
@@ -125,7 +132,8 @@ def _completion_setup(service: Service, req: CompletionRequest):
     if req.echo and req.stream and req.logprobs is not None:
         raise bad_request("echo with logprobs is not supported when streaming", param="echo")
     prepared = service.completion_requests(req)
-    return [p for p, _ in prepared], service.submit([r for _, r in prepared]), [r for _, r in prepared]
+    requests = [r for _, r in prepared]
+    return [p for p, _ in prepared], service.submit(requests), requests
 
 
 async def completion(service: Service, req: CompletionRequest) -> dict:
@@ -134,7 +142,7 @@ async def completion(service: Service, req: CompletionRequest) -> dict:
     choices = []
     for i, (prompt, fin, gen_req) in enumerate(zip(prompts, finished, requests)):
         check_finish(fin, service.timeout_s)
-        text = service.lead_space(group.tokens[i][0].token if group.tokens[i] else None, fin.text)
+        text = service.lead_space(group.first_token(i), fin.text)
         text = prompt + text if req.echo else text
         logprobs = None
         if req.logprobs is not None:
@@ -172,21 +180,18 @@ async def _completion_stream(service: Service, req: CompletionRequest, prompts: 
             if req.logprobs is not None:
                 lp = legacy_logprobs(service.texts, [event], start=offsets[i])
             if event.text or lp:
-                text = event.text if streamed[i] else service.lead_space(group.tokens[i][0].token, event.text)
+                text = event.text if streamed[i] else service.lead_space(group.first_token(i), event.text)
                 streamed[i] += event.text
                 offsets[i] += len(text)
                 yield chunk(i, text, logprobs=lp)
             continue
         if event.reason == "cancelled":
             return
-        try:
-            check_finish(event, service.timeout_s)
-        except APIError as e:
-            yield e.body()
-            group.cancel()
+        if (error := _stream_error(event, service.timeout_s)) is not None:
+            yield error
+            group.cancel()  # the other prompts' rows
             return
-        first = group.tokens[i][0].token if group.tokens[i] else None
-        tail = event.tail if streamed[i] else service.lead_space(first, event.tail)
+        tail = event.tail if streamed[i] else service.lead_space(group.first_token(i), event.tail)
         yield chunk(i, tail, finish=event.reason)
     if usage:
         yield {**head, "choices": [], "usage": _usage(group.finished)}

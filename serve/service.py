@@ -101,14 +101,14 @@ class Service:
         if room < 1:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, your "
                            f"prompt is {n_prompt} tokens. Please shorten it.", param=param, code="context_length_exceeded")
-        if asked is None or (asked > room and not explicit):
-            return room if asked is None else min(asked, room)
-        if asked > room:
+        if asked is None:
+            return room
+        if asked > room and explicit:
             raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, you requested "
                            f"{n_prompt + asked} tokens ({n_prompt} in the prompt, {asked} for the completion). "
                            "Please reduce the prompt or the completion length.",
                            param="max_tokens", code="context_length_exceeded")
-        return asked
+        return min(asked, room)
 
     @staticmethod
     def params(s: Sampling, default_temperature: float = 1.0, default_top_k: int = 0) -> SamplingParams:
@@ -137,13 +137,14 @@ class Service:
         self.check_model(req.model)
         explicit = "max_tokens" in req.model_fields_set and req.max_tokens is not None
         asked = req.max_tokens if req.max_tokens is not None else 16
+        params, echo_logprobs = self.params(_sampling(req)), bool(req.echo and req.logprobs is not None)
         out = []
         for i, prompt in enumerate(req.prompts):
             param = "prompt" if isinstance(req.prompt, str) else f"prompt[{i}]"
             ids = self.prompt_ids(prompt, param)
             n = self.budget(len(ids), asked, explicit=explicit, param=param)
-            out.append((prompt, self.make_request(ids, n, self.params(_sampling(req)), seed=req.seed, stop=req.stops,
-                                                  logprobs=req.logprobs, prompt_logprobs=bool(req.echo and req.logprobs is not None))))
+            out.append((prompt, self.make_request(ids, n, params, seed=req.seed, stop=req.stops, logprobs=req.logprobs,
+                                                  prompt_logprobs=echo_logprobs)))
         return out
 
     def lead_space(self, first_token: int | None, text: str) -> str:
@@ -218,6 +219,10 @@ class RunGroup:
         for i, handle in enumerate(self.handles):
             if self.finished[i] is None:
                 handle.cancel()
+
+    def first_token(self, index: int) -> int | None:
+        """Request index's first generated token (lead_space needs it); None before it comes."""
+        return self.tokens[index][0].token if self.tokens[index] else None
 
     @property
     def done(self) -> bool:

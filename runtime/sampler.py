@@ -129,29 +129,36 @@ def _top_p(x: np.ndarray, ids: np.ndarray | None, top_p: float):
     return ids, np.where(before > top_p, -np.inf, x)
 
 
-def _filtered(logits: np.ndarray, params: SamplingParams, prev_tokens: TokenHistory | None):
-    """The candidates and their log-probabilities after every filter.
+def _candidates(logits: np.ndarray, params: SamplingParams, prev_tokens: TokenHistory | None):
+    """The candidates after every filter, before normalising.
 
-    Returns (ids, logp): ids (B, K) int64 vocabulary ids or None when the candidates are the
-    whole vocabulary in order (K = V); logp (B, K) float64, -inf where a filter removed a token.
+    Returns (ids, x): ids (B, K) int64 vocabulary ids or None when the candidates are the whole
+    vocabulary in order (K = V); x (B, K) float64 scaled logits, max 0 (always kept), -inf where
+    a filter removed a token.
     """
-    x = apply_repetition_penalty(logits, prev_tokens, params.repetition_penalty)  # (B, V)
+    x = apply_repetition_penalty(logits, prev_tokens, params.repetition_penalty)  # (B, V), a copy
     if np.isnan(x).any():
         raise SamplingError("logits contain NaN: the model produced invalid output")
     top = x.max(axis=-1, keepdims=True)  # (B, 1)
     if not np.isfinite(top).all():
         raise SamplingError("a row of logits has no finite maximum (all -inf, or +inf present)")
     # Subtract the max before dividing by the temperature: no overflow for huge logits or tiny T.
-    x = (x - top) / params.temperature  # (B, V), max 0
+    x -= top
+    x /= params.temperature  # (B, V), max 0
 
     ids = None
     if 0 < params.top_k < x.shape[1]:
         ids, x = _top_k(x, ids, params.top_k)
     if params.top_p < 1.0:
         ids, x = _top_p(x, ids, params.top_p)
+    return ids, x
+
+
+def _filtered(logits: np.ndarray, params: SamplingParams, prev_tokens: TokenHistory | None):
+    """The candidates and their log-probabilities after every filter: (ids, logp (B, K) float64)."""
+    ids, x = _candidates(logits, params, prev_tokens)
     # log-softmax over what is left (x's max is 0 and always kept, so the sum is >= 1)
-    logp = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))  # (B, K)
-    return ids, logp
+    return ids, x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def probs(logits: np.ndarray, params: SamplingParams, prev_tokens: TokenHistory | None = None) -> np.ndarray:
@@ -180,14 +187,35 @@ def _greedy(logits: np.ndarray, params: SamplingParams, prev_tokens: TokenHistor
     return np.argmax(logits, axis=-1).astype(np.int64)  # (B,)
 
 
-def _draw(logp: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Inverse CDF with one uniform per row: the column index chosen in each row, (B,)."""
-    cdf = np.cumsum(np.exp(logp), axis=-1)  # (B, K)
-    threshold = rng.random(logp.shape[0])[:, None] * cdf[:, -1:]  # (B, 1)
-    col = (cdf <= threshold).sum(axis=-1)  # first column whose cdf exceeds the threshold
+BLOCK = 1024  # a long row's inverse CDF sums blocks of this many columns first
+
+
+def _draw(weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Inverse CDF with one uniform per row of weights (B, K) (>= 0, unnormalised, each row some
+    > 0): the column index chosen in each row, (B,)."""
+    u = rng.random(weights.shape[0])  # (B,)
+    if weights.shape[1] > 4 * BLOCK:
+        return np.array([_inverse_cdf(row, v) for row, v in zip(weights, u)], np.int64)
+    cdf = np.cumsum(weights, axis=-1)  # (B, K)
+    col = (cdf <= u[:, None] * cdf[:, -1:]).sum(axis=-1)  # first column whose cdf exceeds the threshold
     # u * total can round up to total itself: then take the last column that has mass.
-    last = logp.shape[1] - 1 - np.argmax(np.isfinite(logp[:, ::-1]), axis=-1)
+    last = weights.shape[1] - 1 - np.argmax(weights[:, ::-1] > 0, axis=-1)
     return np.where(col > last, last, col)
+
+
+def _inverse_cdf(weights: np.ndarray, u: float) -> int:
+    """One row's first column whose cumulative weight exceeds u * total: a cumulative sum of the
+    block sums, then of the one block it falls in (a full cumsum of 49152 float64 is 0.18 ms,
+    a third of a sample)."""
+    starts = np.arange(0, weights.size, BLOCK)
+    cdf = np.cumsum(np.add.reduceat(weights, starts))  # (blocks,)
+    threshold = u * cdf[-1]
+    b = min(int(np.searchsorted(cdf, threshold, side="right")), len(starts) - 1)
+    inner = (cdf[b - 1] if b else 0.0) + np.cumsum(weights[starts[b]:starts[b] + BLOCK])
+    col = int(starts[b] + np.searchsorted(inner, threshold, side="right"))
+    if col >= weights.size or weights[col] == 0:  # rounding past the last weight: the last with any
+        col = weights.size - 1 - int(np.argmax(weights[::-1] > 0))
+    return col
 
 
 def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
@@ -203,10 +231,11 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator,
     if params.greedy:
         tokens = _greedy(logits, params, prev_tokens)
         return (tokens, np.zeros(batch, np.float32)) if return_logprobs else tokens
-    ids, logp = _filtered(logits, params, prev_tokens)  # (B, K)
-    col = _draw(logp, rng)  # (B,)
+    ids, x = _candidates(logits, params, prev_tokens)  # (B, K), max 0
+    weights = np.exp(x)  # (B, K), unnormalised: the draw scales its uniform by each row's total
+    col = _draw(weights, rng)  # (B,)
     rows = np.arange(batch)
     tokens = (col if ids is None else ids[rows, col]).astype(np.int64)
     if return_logprobs:
-        return tokens, logp[rows, col].astype(np.float32)
+        return tokens, (x[rows, col] - np.log(weights.sum(axis=-1))).astype(np.float32)
     return tokens

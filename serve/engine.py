@@ -17,7 +17,11 @@ loops schedule -> run -> postprocess, as nano-vllm's does:
      highest busy row + 1, so low rows keep it short);
   3. prefill: the oldest request still reading its prompt runs one chunk of at most
      `prompt_chunk` tokens (GroupQueryAttention continues a row's cache chunk by chunk); when its
-     prompt is done its first token is sampled;
+     prompt is done its first token is sampled. When it is on its first chunk, the requests on
+     their first chunks in the rows next to it join it in one batched run (slots.prefill_rows),
+     up to `prefill_tokens` tokens padded: requests that arrive together read their prompts
+     together (0.94x the time of one after another, and the last one's first token comes after
+     one run instead of after all of them);
   4. decode: every request past its prompt runs one token, all rows in one batched step;
   5. postprocess: each row samples with its own parameters, random generator (seeded per request)
      and repetition history, then applies its stop tokens, stop strings and length limit.
@@ -153,12 +157,16 @@ class _Seq:
 
 class Engine:
     def __init__(self, model: Model, tokenizer: Tokenizer, stop_ids: set[int], *, max_batch: int = 8,
-                 max_queue: int = 64, prompt_chunk: int = 128, context: int | None = None):
-        """context: the tokens a row holds at most, prompt included (default and cap: the model's)."""
+                 max_queue: int = 64, prompt_chunk: int = 128, prefill_tokens: int | None = None,
+                 context: int | None = None):
+        """prefill_tokens: the most tokens (rows x longest chunk) one batched prompt run takes
+        (default 4 chunks); context: the tokens a row holds at most, prompt included (default
+        and cap: the model's)."""
         if max_batch < 1 or max_queue < 0 or prompt_chunk < 1:
             raise ValueError("max_batch and prompt_chunk must be >= 1, max_queue >= 0")
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, set(stop_ids)
         self.max_batch, self.max_queue, self.prompt_chunk = max_batch, max_queue, prompt_chunk
+        self.prefill_tokens = max(prefill_tokens or 4 * prompt_chunk, prompt_chunk)
         self.slots = make_slots(model, max_batch, context)
         self.context = self.slots.capacity
         self.vocab_size = model.config.model.vocab_size
@@ -222,11 +230,13 @@ class Engine:
         return handle
 
     def stats(self) -> dict:
-        """Gauges and counters (numbers only): running = decoding + reading their prompt; steps = decode steps."""
+        """Gauges and counters (numbers only): running = decoding + reading their prompt; steps = decode
+        steps; prefill_runs = prompt runs (one run may carry several rows' first chunks)."""
         c, running = self.counts, list(self.running)
         return {"running": len(running), "decoding": sum(s.decoding for s in running), "queued": len(self.waiting),
                 "max_batch": self.max_batch, "free_slots": len(self.free), "context": self.context,
-                "steps": c["steps"], "prefill_chunks": c["prefill_chunks"], "prompt_tokens": c["prompt_tokens"],
+                "steps": c["steps"], "prefill_chunks": c["prefill_chunks"], "prefill_runs": c["prefill_runs"],
+                "prompt_tokens": c["prompt_tokens"],
                 "generated_tokens": c["generated_tokens"],
                 **{f"finished_{r}": c[f"finished_{r}"] for r in (STOP, LENGTH, CANCELLED, TIMEOUT, ERROR)}}
 
@@ -271,7 +281,11 @@ class Engine:
         self._admit()
         reading = next((s for s in self.running if s.prefilling), None)
         if reading is not None:
-            self._prefill(reading)
+            group = self._readers_with(reading)
+            if len(group) > 1:
+                self._prefill_rows(group)
+            else:
+                self._prefill(reading)
         decoding = [s for s in self.running if s.decoding]
         if decoding:
             self._decode(decoding)
@@ -292,6 +306,26 @@ class Engine:
                 seq.slot = self.free.pop(0)  # the lowest: self.free stays sorted
                 self.running.append(seq)
 
+    def _readers_with(self, seq: _Seq) -> list[_Seq]:
+        """seq and the requests on their first chunks in the rows next to it, lowest row first, as
+        many as prefill_tokens allows (just seq when it is past its first chunk or wants prompt
+        logprobs: those run alone)."""
+        def fresh(s: _Seq) -> bool:
+            return s.read == 0 and s.prompt_logprobs is None
+        if not fresh(seq):
+            return [seq]
+        by_row = {s.slot: s for s in self.running if fresh(s)}
+        group, lo, hi = [seq], seq.slot, seq.slot
+        while True:
+            nxt = by_row.get(hi + 1) or by_row.get(lo - 1)
+            if nxt is None:
+                return sorted(group, key=lambda s: s.slot)
+            longest = max(min(len(s.req.prompt), self.prompt_chunk) for s in group + [nxt])
+            if longest * (len(group) + 1) > self.prefill_tokens:
+                return sorted(group, key=lambda s: s.slot)
+            group.append(nxt)
+            lo, hi = min(lo, nxt.slot), max(hi, nxt.slot)
+
     def _prefill(self, seq: _Seq) -> None:
         """One chunk of seq's prompt; after the last, sample its first token."""
         prompt = seq.req.prompt
@@ -301,15 +335,36 @@ class Engine:
         except Exception as e:  # ORT failure: this request only
             self._finish(seq, ERROR, error=_one_line(e))
             return
-        self.counts["prefill_chunks"] += 1
         if seq.prompt_logprobs is not None:  # logits[j] predicts prompt[read + j + 1]
             nxt = prompt[seq.read + 1:seq.read + len(chunk) + 1]  # (S or S-1,)
             seq.prompt_logprobs += token_logprobs(logits[:len(nxt)], nxt).tolist()
-        seq.read += len(chunk)
-        if not seq.prefilling:
-            self.counts["prompt_tokens"] += len(prompt)
-            seq.ttft_s = time.perf_counter() - seq.submitted
-            self._postprocess([seq], logits[-1:])
+        self._after_chunks([seq], [len(chunk)], logits[-1:])
+
+    def _prefill_rows(self, seqs: list[_Seq]) -> None:
+        """The first chunks of seqs (in rows next to each other, lowest first) in one batched run."""
+        chunks = [s.req.prompt[:self.prompt_chunk] for s in seqs]
+        try:
+            logits = self.slots.prefill_rows(seqs[0].slot, chunks)  # (n, V)
+        except Exception as e:
+            for seq in seqs:
+                self._finish(seq, ERROR, error=_one_line(e))
+            return
+        self._after_chunks(seqs, [len(c) for c in chunks], logits)
+
+    def _after_chunks(self, seqs: list[_Seq], read: list[int], last_logits: np.ndarray) -> None:
+        """seqs read read[i] more prompt tokens; those whose prompts are done sample their first token
+        from their row of last_logits."""
+        self.counts["prefill_chunks"] += len(seqs)
+        self.counts["prefill_runs"] += 1
+        done = []
+        for i, (seq, n) in enumerate(zip(seqs, read)):
+            seq.read += n
+            if not seq.prefilling:
+                self.counts["prompt_tokens"] += len(seq.req.prompt)
+                seq.ttft_s = time.perf_counter() - seq.submitted
+                done.append(i)
+        if done:
+            self._postprocess([seqs[i] for i in done], last_logits[done])
 
     def _decode(self, seqs: list[_Seq]) -> None:
         """One token for every seq (their last sampled tokens), in one batched step."""

@@ -129,6 +129,32 @@ def test_slots_bit_exact_vs_model_step(graph, tiny_onnx, tiny_onnx_ort):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("graph", ["ort", "portable"])
+def test_prefill_rows_bit_exact_vs_model_step(graph, tiny_onnx, tiny_onnx_ort):
+    """First chunks of different lengths in one padded run (rows 1-3), then decode steps with a row
+    already busy below them: every logit equals the serial run's."""
+    model = Model.from_dir(tiny_onnx_ort if graph == "ort" else tiny_onnx, provider="cpu")
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 32000, n).tolist() for n in (9, 1, 16)]
+    slots = make_slots(model, 5)
+    busy = slots.prefill(0, [7, 8, 9])[0]
+    first = slots.prefill_rows(1, prompts)
+    assert first.shape == (3, model.config.model.vocab_size) and slots.lengths.tolist() == [3, 9, 1, 16, 0]
+    got = [[row.copy()] for row in first]
+    for _ in range(6):
+        logits = slots.decode([0, 1, 2, 3], [int(busy.argmax())] + [int(g[-1].argmax()) for g in got])
+        busy = logits[0].copy()
+        for g, row in zip(got, logits[1:]):
+            g.append(row.copy())
+    for p, rows in zip(prompts, got):
+        for a, b in zip(serial_logits(model, p, 7), rows, strict=True):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="empty slots"):
+        slots.prefill_rows(3, [[1, 2]])  # slot 3 holds its prompt
+    with pytest.raises(ValueError, match="empty slots"):
+        slots.prefill_rows(4, [[1], [2]])  # past the last slot
+
+
 def test_fused_slots_are_rows_of_one_buffer(tiny_onnx_ort):
     """A prefill writes its own row of every shared buffer, in place; a decode batch's idle rows
     get one junk position past their end and keep their length."""
@@ -162,6 +188,23 @@ def test_concurrent_greedy_equals_generate_alone(gen, engine):
     stats = engine.stats()
     assert stats["free_slots"] == 4 and stats["running"] == stats["queued"] == 0
     assert stats["prefill_chunks"] >= sum(-(-len(ids) // 8) for ids, _ in asks)
+
+
+def test_requests_arriving_together_read_their_prompts_in_one_run(gen):
+    """Four requests queued before the scheduler starts take rows 0-3 and read their first chunks
+    in one batched run (prefill_tokens 32 = 4 rows x 8), and each still gets what it gets alone."""
+    eng = Engine.from_generator(gen, max_batch=4, prompt_chunk=8, prefill_tokens=32)
+    try:
+        asks = [(gen.encode_prompt(p), 6) for p in PROMPTS[:4]]
+        collected = [submit(eng, ids, n) for ids, n in asks]
+        eng.start()
+        for (ids, n), c in zip(asks, collected):
+            assert_same_as_alone(gen, ids, n, c)
+        stats = eng.stats()
+        chunks = sum(-(-len(ids) // 8) for ids, _ in asks)
+        assert stats["prefill_chunks"] == chunks and stats["prefill_runs"] == chunks - 3
+    finally:
+        eng.close()
 
 
 def test_request_joining_mid_stream_gets_its_own_tokens(gen, engine):

@@ -53,9 +53,10 @@ def add_arguments(p) -> None:
     p.add_argument("--retries", type=int, default=2, help="reruns allowed per noisy repeat (default 2; 0 = never)")
     p.add_argument("--in-process", action="store_true",
                    help="run every system in this process (faster start; peak memory figures are then not per system)")
-    p.add_argument("--startup", choices=["on", "off"], default="on",
+    p.add_argument("--startup", choices=["on", "off", "cold"], default="on",
                    help="also time ours from Model.from_dir to the first token in fresh processes: without the start-up "
-                        "cache, first start (writes it), second start (CPU; default on)")
+                        "cache, first start (writes it), second start (CPU; default on); cold: also without the cache "
+                        "and from it after dropping the OS page cache (needs root; drops it for the whole machine)")
     p.add_argument("--bandwidth-mb", type=int, default=256, help="size of the memory read test (default 256 MB)")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per system and configuration")
     p.add_argument("--serve", action="store_true",
@@ -86,7 +87,7 @@ def run(args) -> int:
         repeats=args.repeats, warmup=args.warmup, peers=args.peers, sweep=parse_sweep(args.sweep), checkpoint=args.checkpoint,
         builder_precision=args.builder_precision, isolate=not args.in_process, interleave=args.interleave,
         bandwidth_mb=args.bandwidth_mb, timeout_s=args.timeout, noise_limit=args.noise_limit, retries=args.retries,
-        startup=args.startup == "on", log=lambda line: print(line, file=log_to, flush=True),
+        startup={"on": True, "off": False}.get(args.startup, args.startup), log=lambda line: print(line, file=log_to, flush=True),
     )
     result["command"] = "llama2-onnx bench " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else None
     print(file=log_to)

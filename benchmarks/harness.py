@@ -110,9 +110,10 @@ def run_benchmark(*, model: str | Path, prompt_len: int = 128, new_tokens: int =
                   checkpoint: str | Path | None = None, builder_precision: str | None = None,
                   isolate: bool = True, interleave: str = "auto", bandwidth_mb: int = 256,
                   timeout_s: float | None = None, noise_limit: float = 0.15, retries: int = 2,
-                  startup: bool = False, log: Callable[[str], None] = print) -> dict:
+                  startup: bool | str = False, log: Callable[[str], None] = print) -> dict:
     """Benchmark the model folder (and peers). Returns {"schema", "machine", "rows"}, and with startup
-    (CPU) "startup": ours started three times in fresh processes (benchmarks/startup.py)."""
+    (CPU) "startup": ours started three times in fresh processes (benchmarks/startup.py), five with
+    startup="cold" (two after dropping the page cache)."""
     from llama2_onnx.runtime.folder import check_folder
     from llama2_onnx.runtime.providers import physical_cores, resolve
 
@@ -171,7 +172,8 @@ def run_benchmark(*, model: str | Path, prompt_len: int = 128, new_tokens: int =
     if startup and prov == "cpu":
         from .startup import measure_startup
 
-        result["startup"] = starts = measure_startup(str(folder), pts[0].threads, first_ids, timeout_s or 600)
+        result["startup"] = starts = measure_startup(str(folder), pts[0].threads, first_ids, timeout_s or 600,
+                                                          cold=startup == "cold")
         for name, s in starts.items():
             log(f"start ({name}, prompt {len(first_ids)}): " + (s["error"] if "error" in s else
                 f"from_dir {s['from_dir_s']:.2f} s + first token {s['first_token_ms']:.0f} ms = {s['start_s']:.2f} s"))

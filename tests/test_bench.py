@@ -191,6 +191,24 @@ def test_startup_is_timed_without_the_cache_then_first_and_second(bench_json):
     assert "second start" in report.format_table(bench_json) and "- start first:" in report.format_markdown(bench_json)
 
 
+def test_cold_starts_follow_a_page_cache_drop_or_say_why_not(tiny_onnx, tmp_path, monkeypatch):
+    """--startup cold: two more fresh starts after dropping the page cache. Here the drop file is a
+    stand-in (the real one would empty the whole machine's page cache); one that cannot be written
+    gives each cold start a reason instead of a time."""
+    from llama2_onnx.benchmarks import startup
+
+    ids = [1, 5, 9, 13]
+    monkeypatch.setattr(startup, "DROP_CACHES", str(tmp_path / "drop_caches"))
+    starts = startup.measure_startup(str(tiny_onnx), 1, ids, cold=True)
+    assert [starts[k]["startup"] for k in startup.STARTS + startup.COLD_STARTS] == ["off", "written", "hit", "off", "hit"]
+    assert (tmp_path / "drop_caches").read_text() == "1\n"
+    assert any("from a dropped page cache" in line for line in report._startup_lines({"startup": starts}))
+    monkeypatch.setattr(startup, "DROP_CACHES", str(tmp_path / "missing" / "drop_caches"))
+    starts = startup.measure_startup(str(tiny_onnx), 1, ids, cold=True)
+    assert all("cannot be dropped" in starts[k]["error"] for k in startup.COLD_STARTS)
+    assert starts["second"]["startup"] == "hit"
+
+
 def test_bench_cli_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None; import argparse; "
             "from llama2_onnx.benchmarks import cli, harness, report, worker; "

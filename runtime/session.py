@@ -263,7 +263,7 @@ def _open(model_path: Path, p: Provider, threads: int | None, device_id: int,
     from the cache), "written" (this start wrote it) or "off". A cache never costs a load: when it
     cannot be written, the folder is opened as it is."""
     opts = _options(p, threads)
-    if not (startup_cache and p.name == "cpu"):
+    if not (startup_cache and p.name == "cpu" and session_cache.worth_caching(model_path.parent)):
         p_opts = {"device_id": str(device_id)} if p.name in ("cuda", "dml") else {}
         return ort.InferenceSession(str(model_path), opts, providers=[(p.ort_name, p_opts)]), "off"
     folder = model_path.parent

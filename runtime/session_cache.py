@@ -14,6 +14,11 @@ The entry is used only when key.json equals `cache_key`: the folder's manifest.j
 hashes, so a re-export or an edited folder), the ONNX Runtime version and the CPU (prepacked
 layouts depend on its instruction set). Anything else rebuilds it in place, one entry per folder;
 entries of folders that are gone are pruned whenever one is written.
+Only folders of at most MAX_DATA bytes are cached: for larger ones reading the entry (weights
+and their prepacked copies, about 2.2x the data) costs what the optimizing saved or more. Measured
+(BENCHMARKS.md): SmolLM2 fp32 (0.5 GB) starts 1.70x faster from its entry than without one; a
+1B-parameter fp32 folder (3.6 GB) 1.06x with the files in the page cache and 0.86x (slower)
+after the page cache was dropped, and a 7B entry would take ~60 GB of disk.
 It is written in a temporary sibling and renamed, so a reader never sees half an entry. The caller
 checks the folder's manifest first (Model.from_dir): a folder that fails it never gets this far.
 """
@@ -75,6 +80,21 @@ def lookup(folder: Path, provider: str) -> Path | None:
     return None
 
 
+MAX_DATA = 2 << 30  # larger folders are opened as they are (see the module docstring)
+
+
+def data_size(folder: Path) -> int:
+    """The bytes of the folder's files (model, weights, tokenizer)."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def worth_caching(folder: Path) -> bool:
+    try:
+        return data_size(folder) <= MAX_DATA
+    except OSError:
+        return False
+
+
 # An entry holds the weights and their prepacked copies: about 2.2x the folder's data for SmolLM2
 # fp32. Leave it unwritten unless the disk keeps this many times the data free besides.
 ROOM_FACTOR = 4
@@ -86,8 +106,7 @@ def saving(opts: ort.SessionOptions, folder: Path) -> Path | None:
     parent = entry_dir(folder).parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        data = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-        if shutil.disk_usage(parent).free < ROOM_FACTOR * data:
+        if shutil.disk_usage(parent).free < ROOM_FACTOR * data_size(folder):
             return None
         tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=parent))
     except OSError:

@@ -36,6 +36,16 @@ def test_second_start_opens_the_cache_with_the_same_logits(folder):
     np.testing.assert_array_equal(_first_logits(second), plain)
 
 
+def test_a_folder_over_the_size_cap_is_opened_as_it_is(folder, monkeypatch):
+    """Past MAX_DATA an entry costs more to read than it saves: no entry written, none used."""
+    assert Model.from_dir(folder, provider="cpu").startup == "written"
+    monkeypatch.setattr(session_cache, "MAX_DATA", session_cache.data_size(folder) - 1)
+    assert Model.from_dir(folder, provider="cpu").startup == "off"
+    shutil.rmtree(session_cache.entry_dir(folder))
+    assert Model.from_dir(folder, provider="cpu").startup == "off"
+    assert not session_cache.entry_dir(folder).exists()
+
+
 def test_a_new_onnxruntime_version_writes_it_again(folder, monkeypatch):
     assert Model.from_dir(folder, provider="cpu").startup == "written"
     monkeypatch.setattr(ort, "__version__", ort.__version__ + ".next")

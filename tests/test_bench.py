@@ -209,6 +209,16 @@ def test_cold_starts_follow_a_page_cache_drop_or_say_why_not(tiny_onnx, tmp_path
     assert starts["second"]["startup"] == "hit"
 
 
+def test_decode_ab_alternates_our_folders_in_one_process(tiny_onnx, tiny_onnx_ort, capsys):
+    from llama2_onnx.benchmarks import decode_ab
+
+    assert decode_ab.main([str(tiny_onnx_ort), str(tiny_onnx), "--rounds", "2", "--steps", "3", "--prompt-len", "5",
+                           "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("ms/step" in line for line in lines)
+    assert lines[0].split()[2] == "1.00x" and lines[1].endswith(str(tiny_onnx))
+
+
 def test_bench_cli_imports_without_torch():
     code = ("import sys; sys.modules['torch'] = None; import argparse; "
             "from llama2_onnx.benchmarks import cli, harness, report, worker; "

@@ -12,7 +12,10 @@ OpenAI fields implemented (chat and completions): model, max_tokens, max_complet
 (chat), temperature, top_p, stop, seed, stream, stream_options.include_usage, n (1 only),
 logprobs/top_logprobs (chat), logprobs as an integer and echo (completions); `user` is accepted
 and ignored (it only tags a request for abuse tracking). Extensions, as vLLM and llama-server
-name them: top_k, repetition_penalty. Everything else (frequency_penalty, tools, ...) is a 400.
+name them: top_k, repetition_penalty. frequency_penalty and presence_penalty of 0 and an empty
+logit_bias are accepted as the no-ops they are (chat front ends such as Open WebUI and LibreChat
+send them with every request); any other value of those is a 400 naming the field and what to use
+instead. Everything else (tools, ...) is a 400.
 """
 
 from __future__ import annotations
@@ -64,11 +67,28 @@ class Sampling(Strict):
     stream_options: StreamOptions | None = None
     n: int | None = Field(1, description="only 1 is supported")
     user: str | None = Field(None, description="accepted and ignored")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 (off) is supported")
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 (off) is supported")
+    logit_bias: dict[str, float] | None = Field(None, description="only an empty map is supported")
 
     @field_validator("stop")
     @classmethod
     def _stop(cls, v):
         _check_stop(v)
+        return v
+
+    @field_validator("frequency_penalty", "presence_penalty")
+    @classmethod
+    def _no_op_penalty(cls, v, info):
+        if v:
+            raise ValueError(f"only {info.field_name}=0 is supported, got {v}; use repetition_penalty (> 1 discourages repeats)")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_op_bias(cls, v):
+        if v:
+            raise ValueError("logit_bias is not supported (only an empty map)")
         return v
 
     @field_validator("n")

@@ -250,6 +250,9 @@ S = {"input_data": {"input_string": ["hi"], "parameters": {"max_new_tokens": 2}}
 BAD = [  # (route, body, the param the 400 names)
     ("/v1/chat/completions", {**C, "n": 2}, "n"),
     ("/v1/chat/completions", {**C, "frequency_penalty": 0.5}, "frequency_penalty"),
+    ("/v1/completions", {**P, "presence_penalty": -1}, "presence_penalty"),
+    ("/v1/chat/completions", {**C, "frequency_penalty": 3}, "frequency_penalty"),
+    ("/v1/chat/completions", {**C, "logit_bias": {"50256": -100}}, "logit_bias"),
     ("/v1/chat/completions", {**C, "tools": []}, "tools"),
     ("/v1/chat/completions", {**C, "temperature": -1}, "temperature"),
     ("/v1/chat/completions", {**C, "temperature": "hot"}, "temperature"),
@@ -288,6 +291,15 @@ BAD = [  # (route, body, the param the 400 names)
     ("/tokenize", {"prompt": "x", "messages": MSGS}, "prompt"),
     ("/detokenize", {"tokens": [10 ** 9]}, "tokens[0]"),
 ]
+
+
+def test_no_op_penalties_and_bias_are_accepted(client):
+    """What chat front ends send with every request: zero penalties and an empty logit_bias."""
+    noop = dict(frequency_penalty=0, presence_penalty=0.0, logit_bias={})
+    chat = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=2, temperature=0, **noop)
+    plain = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=2, temperature=0)
+    assert chat.choices[0].message.content == plain.choices[0].message.content
+    assert client.completions.create(model=MODEL, prompt="hi", max_tokens=1, **noop).choices
 
 
 @pytest.mark.parametrize("path,body,param", BAD, ids=[f"{p}:{param}" for p, _, param in BAD])

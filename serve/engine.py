@@ -54,7 +54,7 @@ import numpy as np
 
 from llama2_onnx.runtime.chat_format import CHAT_FORMATS
 from llama2_onnx.runtime.generator import Generator, split_at_stop
-from llama2_onnx.runtime.logprobs import log_softmax, token_logprobs
+from llama2_onnx.runtime.logprobs import log_softmax
 from llama2_onnx.runtime.sampler import SamplingError, SamplingParams, make_rng, sample
 from llama2_onnx.runtime.session import Model
 from llama2_onnx.runtime.slots import make_slots
@@ -76,7 +76,8 @@ class GenRequest:
     seed: int | None = None  # per-request numpy default_rng(seed)
     stop: tuple[str, ...] = ()  # stop strings
     logprobs: int | None = None  # None: none; k >= 0: each token's logprob + the top k alternatives
-    prompt_logprobs: bool = False  # logprob of each prompt token given the ones before (the first: None)
+    prompt_logprobs: bool = False  # logprob of each prompt token given the ones before (the first: None),
+    # with the top `logprobs` alternatives of each when logprobs > 0
     timeout_s: float | None = None  # per-request time limit, from submit (queueing included) -> finish "timeout"
 
 
@@ -98,6 +99,7 @@ class FinishEvent:
     error: str | None = None  # reason "error": a one-line message
     ttft_s: float = 0.0  # submit -> first token
     tail: str = ""  # text released at the finish, in no TokenEvent: send it before the finish
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None  # per prompt token (the first: None)
 
 
 Event = TokenEvent | FinishEvent
@@ -144,6 +146,7 @@ class _Seq:
     text: str = ""  # released so far
     pending: str = ""  # decoded, held back: it may start a stop string
     prompt_logprobs: list | None = None
+    prompt_top: list | None = None  # per prompt token, its top alternatives (prompt logprobs with logprobs > 0)
     ttft_s: float = 0.0
     decoding: bool = False  # prompt read, first token sampled: in every decode step until it finishes
 
@@ -217,7 +220,8 @@ class Engine:
         handle = Handle(self)
         seq = _Seq(req=req, on_event=on_event, handle=handle, decoder=StreamDecoder(self.tokenizer), rng=rng,
                    budget=min(req.max_tokens, self.context - len(req.prompt)), submitted=time.perf_counter(),
-                   prompt_logprobs=[None] if req.prompt_logprobs else None)
+                   prompt_logprobs=[None] if req.prompt_logprobs else None,
+                   prompt_top=[None] if req.prompt_logprobs and req.logprobs else None)
         with self._cond:
             if self._closing:
                 raise EngineClosed("the engine is closed")
@@ -336,8 +340,11 @@ class Engine:
             self._finish(seq, ERROR, error=_one_line(e))
             return
         if seq.prompt_logprobs is not None:  # logits[j] predicts prompt[read + j + 1]
-            nxt = prompt[seq.read + 1:seq.read + len(chunk) + 1]  # (S or S-1,)
-            seq.prompt_logprobs += token_logprobs(logits[:len(nxt)], nxt).tolist()
+            nxt = np.asarray(prompt[seq.read + 1:seq.read + len(chunk) + 1], np.int64)  # (S or S-1,)
+            logp = log_softmax(logits[:len(nxt)])  # (S or S-1, V)
+            seq.prompt_logprobs += np.take_along_axis(logp, nxt[:, None], axis=-1)[:, 0].tolist()
+            if seq.prompt_top is not None:
+                seq.prompt_top += [_top(row, seq.req.logprobs) for row in logp]
         self._after_chunks([seq], [len(chunk)], logits[-1:])
 
     def _prefill_rows(self, seqs: list[_Seq]) -> None:
@@ -392,10 +399,7 @@ class Engine:
             lp = top = None
             if req.logprobs is not None:
                 logp = log_softmax(row)  # (V,)
-                lp = float(logp[tok])
-                k = min(req.logprobs, len(logp))
-                best = np.argpartition(-logp, k - 1)[:k] if k else np.zeros(0, np.int64)
-                top = sorted(((int(i), float(logp[i])) for i in best), key=lambda p: (-p[1], p[0]))
+                lp, top = float(logp[tok]), _top(logp, req.logprobs)
             if not self._emit(seq, TokenEvent(tok, text, lp, top)):
                 continue
             if hit:
@@ -433,7 +437,7 @@ class Engine:
         seq.text += tail
         self.counts[f"finished_{reason}"] += 1
         self._emit(seq, FinishEvent(reason, seq.text, len(seq.req.prompt), len(seq.tokens), seq.prompt_logprobs,
-                                    error=error, ttft_s=seq.ttft_s, tail=tail))
+                                    error=error, ttft_s=seq.ttft_s, tail=tail, prompt_top_logprobs=seq.prompt_top))
 
     def _cancel_all(self) -> None:
         with self._cond:
@@ -441,6 +445,13 @@ class Engine:
             self.waiting.clear()
         for seq in left:
             self._finish(seq, CANCELLED)
+
+
+def _top(logp: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k best (token id, logprob) of one row of log-probabilities, best first (ties: lower id)."""
+    k = min(k, len(logp))
+    best = np.argpartition(-logp, k - 1)[:k] if k else np.zeros(0, np.int64)
+    return sorted(((int(i), float(logp[i])) for i in best), key=lambda p: (-p[1], p[0]))
 
 
 def _late(seq: _Seq, now: float) -> bool:

@@ -7,7 +7,7 @@
 Shapes follow the OpenAI API: chat logprobs are choices[].logprobs.content[] entries
 {token, logprob, bytes, top_logprobs}; completion logprobs are the legacy {tokens,
 token_logprobs, top_logprobs (dicts), text_offset}, with text_offset counted in the returned
-text. echo puts the prompt (and its tokens' logprobs, the first null) before the completion.
+text. echo puts the prompt (its tokens' logprobs and top alternatives, the first null) before the completion.
 A stream that fails after it started (time limit, engine error) ends with an {"error": ...}
 chunk, as vLLM does, since its status line has already been sent.
 """
@@ -57,18 +57,23 @@ def chat_logprob(texts: TokenTexts, event: TokenEvent) -> dict:
 
 
 def legacy_logprobs(texts: TokenTexts, tokens: list[TokenEvent], *, start: int = 0,
-                    prompt: tuple[int, ...] = (), prompt_logprobs: list[float | None] | None = None) -> dict:
+                    prompt: tuple[int, ...] = (), prompt_logprobs: list[float | None] | None = None,
+                    prompt_top: list[list[tuple[int, float]] | None] | None = None) -> dict:
     """The completions shape. start: where the completion begins in the returned text; with
-    prompt/prompt_logprobs (echo) the prompt's tokens come first, from offset 0."""
+    prompt/prompt_logprobs/prompt_top (echo) the prompt's tokens come first, from offset 0, each
+    with its top alternatives as the completion's tokens have them (the first: null)."""
+    def top(alternatives, token: int, lp: float | None) -> dict:
+        d = {texts.text(t): _lp(x) for t, x in alternatives or []}
+        d.setdefault(texts.text(token), _lp(lp))
+        return d
+
     ids = list(prompt) + [t.token for t in tokens]
     offsets = texts.offsets(list(prompt)) + texts.offsets([t.token for t in tokens], start)
     tops: list[dict | None] = []
+    alternatives = prompt_top or [None] * len(prompt)
     for i, (tok, lp) in enumerate(zip(prompt, prompt_logprobs or [None] * len(prompt))):
-        tops.append(None if i == 0 or lp is None else {texts.text(tok): _lp(lp)})
-    for t in tokens:
-        top = {texts.text(tok): _lp(lp) for tok, lp in t.top_logprobs or []}
-        top.setdefault(texts.text(t.token), _lp(t.logprob))
-        tops.append(top)
+        tops.append(None if i == 0 or lp is None else top(alternatives[i], tok, lp))
+    tops += [top(t.top_logprobs, t.token, t.logprob) for t in tokens]
     lps = [_lp(x) for x in (prompt_logprobs or [None] * len(prompt))] + [_lp(t.logprob) for t in tokens]
     return {"tokens": [texts.text(i) for i in ids], "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
@@ -148,7 +153,7 @@ async def completion(service: Service, req: CompletionRequest) -> dict:
         if req.logprobs is not None:
             if req.echo:
                 logprobs = legacy_logprobs(service.texts, group.tokens[i], start=len(prompt), prompt=gen_req.prompt,
-                                           prompt_logprobs=fin.prompt_logprobs)
+                                           prompt_logprobs=fin.prompt_logprobs, prompt_top=fin.prompt_top_logprobs)
             else:
                 logprobs = legacy_logprobs(service.texts, group.tokens[i])
         choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": fin.reason})

@@ -177,6 +177,20 @@ def test_completion_logprobs_and_echo(client, service):
     assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
     assert lp.text_offset == sorted(lp.text_offset)
     assert all(len(d) >= 2 for d in lp.top_logprobs[n_prompt:])
+    # the prompt's tokens carry their top 2 alternatives too (plus the token itself when not among them),
+    # equal to the runtime's own log-softmax over the prompt pass's logits
+    from llama2_onnx.runtime.session import Model
+
+    model = Model.from_dir(service.gen.model.folder, provider="cpu")
+    ids = np.array([service.gen.encode_prompt(prompt)])
+    logits = model.step(ids, np.ones_like(ids), model.new_cache(np.ones_like(ids)), all_logits=True)[0]  # (S, V)
+    for i in range(1, n_prompt):
+        want = log_softmax(logits[i - 1])
+        best = np.sort(want)[::-1][:2]
+        got = lp.top_logprobs[i]
+        assert 2 <= len(got) <= 3 and lp.tokens[i] in got
+        assert sorted(got.values(), reverse=True)[:2] == pytest.approx(best, abs=1e-4)
+        assert lp.token_logprobs[i] == pytest.approx(want[ids[0, i]], abs=1e-4)
     plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, logprobs=0, **GREEDY).choices[0]
     assert choice.text == prompt + plain.text
     assert plain.logprobs.token_logprobs == pytest.approx(lp.token_logprobs[n_prompt:], abs=1e-9)

@@ -7,7 +7,8 @@
 Shapes follow the OpenAI API: chat logprobs are choices[].logprobs.content[] entries
 {token, logprob, bytes, top_logprobs}; completion logprobs are the legacy {tokens,
 token_logprobs, top_logprobs (dicts), text_offset}, with text_offset counted in the returned
-text. echo puts the prompt (its tokens' logprobs and top alternatives, the first null) before the completion.
+text. echo puts the prompt (its tokens' logprobs and top alternatives, the first null) before
+the completion.
 A stream that fails after it started (time limit, engine error) ends with an {"error": ...}
 chunk, as vLLM does, since its status line has already been sent.
 """

@@ -12,6 +12,7 @@ BOS and EOS are always token ids added around the encoded text, never text to to
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Iterable, Protocol, runtime_checkable
 
@@ -117,13 +118,23 @@ class HFTokenizer:
                 raise TokenizerError(f"{name} {i!r} is not a token id of {path} (vocab {self.vocab_size})")
         self.bos_id, self.eos_id = bos_id, eos_id
         self._special = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items()}
-        # the same vocabulary with special tokens' spellings read as plain text (a second object,
-        # not a flag toggled on the first, so that threads may share the tokenizer)
-        self._text_only = _HF.from_str(self.tok.to_str())
-        self._text_only.encode_special_tokens = True
+        self._text_only = None  # made on first use (0.17 s for SmolLM2's: a third of loading the tokenizer)
+        self._text_only_lock = threading.Lock()
+
+    def _text_only_tok(self):
+        """The same vocabulary with special tokens' spellings read as plain text: a second object,
+        not a flag toggled on the first, so that threads may share the tokenizer."""
+        with self._text_only_lock:
+            if self._text_only is None:
+                from tokenizers import Tokenizer as _HF
+
+                twin = _HF.from_str(self.tok.to_str())
+                twin.encode_special_tokens = True
+                self._text_only = twin
+            return self._text_only
 
     def encode(self, text: str, bos: bool, eos: bool, *, parse_special: bool = True) -> list[int]:
-        tok = self.tok if parse_special else self._text_only
+        tok = self.tok if parse_special else self._text_only_tok()
         return _wrap(tok.encode(well_formed(text), add_special_tokens=False).ids, self.bos_id, self.eos_id, bos, eos)
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -152,11 +152,11 @@ class Model:
         after input token s; padding columns hold nothing useful): prompt logprobs.
 
         A step longer than prompt_chunk with no padding (and of one row, for the fused graph: GQA
-        continues a cache with more than one token only in batch 1) runs as chunks of prompt_chunk tokens, each
-        continuing the cache: the same logits bit for bit on the CPU, and much less attention work
-        (GroupQueryAttention's prompt kernel scores every pair of positions, a chunk scores only its
-        own rows against what came before): SmolLM2 fp32 reads 2048 tokens in 0.61x the time and 512
-        in 0.84x with chunks of 256 (BENCHMARKS.md).
+        continues a cache with more than one token only in batch 1) runs as chunks of prompt_chunk
+        tokens, each continuing the cache: the same logits bit for bit on the CPU, and much less
+        attention work (GroupQueryAttention's prompt kernel scores every pair of positions, a chunk
+        scores only its own rows against what came before): SmolLM2 fp32 reads 2048 tokens in
+        0.61-0.78x the time and 512 in 0.84-0.88x with chunks of 256 (BENCHMARKS.md).
         """
         (b, s), chunk = input_ids.shape, self.prompt_chunk
         # GroupQueryAttention continues a cache with S > 1 only in batch 1

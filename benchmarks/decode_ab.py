@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from typing import Callable
 
 import numpy as np
+
+from llama2_onnx.errors import UserError
 
 
 def ours(folder: str, ids: np.ndarray, steps: int, threads: int) -> Callable[[], float]:
@@ -72,11 +75,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: physical cores)")
     args = p.parse_args(argv)
+    if min(args.prompt_len, args.steps, args.rounds) < 1 or (args.threads is not None and args.threads < 1):
+        p.error("--prompt-len, --steps, --rounds and --threads must be at least 1")
     threads = args.threads or physical_cores()
     ids = np.random.default_rng(0).integers(100, 10000, (1, args.prompt_len))
-    systems = {f: ours(f, ids, args.steps, threads) for f in args.folders}
-    if args.genai:
-        systems[f"genai {args.genai}"] = genai(args.genai, ids, args.steps, threads)
+    try:
+        systems = {f: ours(f, ids, args.steps, threads) for f in args.folders}
+        if args.genai:
+            systems[f"genai {args.genai}"] = genai(args.genai, ids, args.steps, threads)
+    except UserError as e:
+        print(f"decode_ab: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(f"decode_ab: error: {e.name or e} is not installed (--genai needs onnxruntime-genai: make setup)", file=sys.stderr)
+        return 2
+    except Exception as e:  # onnxruntime-genai's errors on a folder that is not its own
+        print(f"decode_ab: error: {args.genai}: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
     times: dict[str, list[float]] = {name: [] for name in systems}
     for _ in range(args.rounds):
         for name, run in systems.items():

@@ -217,6 +217,8 @@ def test_decode_ab_alternates_our_folders_in_one_process(tiny_onnx, tiny_onnx_or
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and all("ms/step" in line for line in lines)
     assert lines[0].split()[2] == "1.00x" and lines[1].endswith(str(tiny_onnx))
+    assert decode_ab.main([str(tiny_onnx.parent / "missing")]) == 2
+    assert "decode_ab: error: model folder" in capsys.readouterr().err
 
 
 def test_bench_cli_imports_without_torch():

@@ -192,75 +192,35 @@ def case_overwrite_a_web_app_with_a_manifest(tmp, small, mp):
     return [ck, tmp / "out", "--overwrite"], "not a llama2-onnx model folder"
 
 
-def case_hf_layers_1e9(tmp, small, mp):
-    ck = _copy(small["hf"], tmp / "ck")
-    _edit_json(ck / "config.json", num_hidden_layers=10**9)
-    return [ck, tmp / "out"], "num_hidden_layers"
+# A config value edited in a copy of the checkpoint (or a flag given): (case, checkpoint kind, edits,
+# extra export arguments, what the one line names)
+CONFIG_EDITS = [
+    ("hf_layers_1e9", "hf", {"num_hidden_layers": 10**9}, [], "num_hidden_layers"),
+    ("hf_layers_more_than_the_file_holds", "hf", {"num_hidden_layers": 40}, [], "weights hold 2 layers"),
+    ("hf_context_1e12_ort", "hf", {"max_position_embeddings": 10**12}, ["--graph", "ort"], "max_position_embeddings"),
+    ("max_seq_len_flag_1e12", "hf", {}, ["--graph", "ort", "--max-seq-len", str(10**12)], "--max-seq-len"),
+    ("hf_bos_outside_vocab", "hf", {"bos_token_id": 64}, [], "bos_token_id"),
+    ("hf_eos_outside_vocab", "hf", {"eos_token_id": [2, 100000]}, [], "eos_token_id"),
+    ("hf_pad_negative", "hf", {"pad_token_id": -5}, [], "pad_token_id"),
+    ("hf_hidden_size_string", "hf", {"hidden_size": "32"}, [], "hidden_size"),
+    ("hf_rms_eps_string", "hf", {"rms_norm_eps": "1e-5"}, [], "rms_norm_eps"),
+    ("hf_rope_scaling_list", "hf", {"rope_scaling": [1, 2]}, [], "rope_scaling"),
+    ("meta_layers_1e9", "meta", {"n_layers": 10**9}, [], "n_layers"),
+    ("meta_multiple_of_zero", "meta", {"multiple_of": 0}, [], "multiple_of"),
+]
 
 
-def case_hf_layers_more_than_the_file_holds(tmp, small, mp):
-    ck = _copy(small["hf"], tmp / "ck")
-    _edit_json(ck / "config.json", num_hidden_layers=40)
-    return [ck, tmp / "out"], "weights hold 2 layers"
+def _config_case(name: str, kind: str, edits: dict, extra: list[str], expect: str):
+    def case(tmp, small, mp):
+        ck = _copy(small[kind], tmp / "ck")
+        _edit_json(ck / ("config.json" if kind == "hf" else "params.json"), **edits)
+        return [ck, tmp / "out", *extra], expect
+    case.__name__ = f"case_{name}"
+    return case
 
 
-def case_hf_context_1e12_ort(tmp, small, mp):
-    ck = _copy(small["hf"], tmp / "ck")
-    _edit_json(ck / "config.json", max_position_embeddings=10**12)
-    return [ck, tmp / "out", "--graph", "ort"], "max_position_embeddings"
-
-
-def case_max_seq_len_flag_1e12(tmp, small, mp):
-    ck = _copy(small["hf"], tmp / "ck")
-    return [ck, tmp / "out", "--graph", "ort", "--max-seq-len", str(10**12)], "--max-seq-len"
-
-
-def case_hf_bos_outside_vocab(tmp, small, mp):
-    ck = _copy(small["hf"], tmp / "ck")
-    _edit_json(ck / "config.json", bos_token_id=64)
-    return [ck, tmp / "out"], "bos_token_id"
-
-
-def case_hf_eos_outside_vocab(tmp, small, mp):
-    ck = _copy(small["hf"], tmp / "ck")
-    _edit_json(ck / "config.json", eos_token_id=[2, 100000])
-    return [ck, tmp / "out"], "eos_token_id"
-
-
-def case_hf_pad_negative(tmp, small, mp):
-    ck = _copy(small["hf"], tmp / "ck")
-    _edit_json(ck / "config.json", pad_token_id=-5)
-    return [ck, tmp / "out"], "pad_token_id"
-
-
-def case_hf_hidden_size_string(tmp, small, mp):
-    ck = _copy(small["hf"], tmp / "ck")
-    _edit_json(ck / "config.json", hidden_size="32")
-    return [ck, tmp / "out"], "hidden_size"
-
-
-def case_hf_rms_eps_string(tmp, small, mp):
-    ck = _copy(small["hf"], tmp / "ck")
-    _edit_json(ck / "config.json", rms_norm_eps="1e-5")
-    return [ck, tmp / "out"], "rms_norm_eps"
-
-
-def case_hf_rope_scaling_list(tmp, small, mp):
-    ck = _copy(small["hf"], tmp / "ck")
-    _edit_json(ck / "config.json", rope_scaling=[1, 2])
-    return [ck, tmp / "out"], "rope_scaling"
-
-
-def case_meta_layers_1e9(tmp, small, mp):
-    ck = _copy(small["meta"], tmp / "ck")
-    _edit_json(ck / "params.json", n_layers=10**9)
-    return [ck, tmp / "out"], "n_layers"
-
-
-def case_meta_multiple_of_zero(tmp, small, mp):
-    ck = _copy(small["meta"], tmp / "ck")
-    _edit_json(ck / "params.json", multiple_of=0)
-    return [ck, tmp / "out"], "multiple_of"
+for _edit in CONFIG_EDITS:
+    globals()[f"case_{_edit[0]}"] = _config_case(*_edit)
 
 
 def case_gguf_block_count_1e9(tmp, small, mp):

@@ -57,19 +57,21 @@ def chat_logprob(texts: TokenTexts, event: TokenEvent) -> dict:
     return {**entry(event.token, event.logprob), "top_logprobs": [entry(t, lp) for t, lp in event.top_logprobs or []]}
 
 
-def legacy_logprobs(texts: TokenTexts, tokens: list[TokenEvent], *, start: int = 0,
+def legacy_logprobs(texts: TokenTexts, tokens: list[TokenEvent], *, start: int = 0, after: int | None = None,
                     prompt: tuple[int, ...] = (), prompt_logprobs: list[float | None] | None = None,
                     prompt_top: list[list[tuple[int, float]] | None] | None = None) -> dict:
-    """The completions shape. start: where the completion begins in the returned text; with
-    prompt/prompt_logprobs/prompt_top (echo) the prompt's tokens come first, from offset 0, each
-    with its top alternatives as the completion's tokens have them (the first: null)."""
+    """The completions shape. start: where the completion begins in the returned text; after: the
+    prompt's last token, which the completion's text continues (its offsets count the leading space
+    the returned text keeps); with prompt/prompt_logprobs/prompt_top (echo) the prompt's tokens
+    come first, from offset 0, each with its top alternatives as the completion's tokens have them
+    (the first: null)."""
     def top(alternatives, token: int, lp: float | None) -> dict:
         d = {texts.text(t): _lp(x) for t, x in alternatives or []}
         d.setdefault(texts.text(token), _lp(lp))
         return d
 
     ids = list(prompt) + [t.token for t in tokens]
-    offsets = texts.offsets(list(prompt)) + texts.offsets([t.token for t in tokens], start)
+    offsets = texts.offsets(list(prompt)) + texts.offsets([t.token for t in tokens], start, after)
     tops: list[dict | None] = []
     alternatives = prompt_top or [None] * len(prompt)
     for i, (tok, lp) in enumerate(zip(prompt, prompt_logprobs or [None] * len(prompt))):
@@ -153,10 +155,11 @@ async def completion(service: Service, req: CompletionRequest) -> dict:
         logprobs = None
         if req.logprobs is not None:
             if req.echo:
-                logprobs = legacy_logprobs(service.texts, group.tokens[i], start=len(prompt), prompt=gen_req.prompt,
-                                           prompt_logprobs=fin.prompt_logprobs, prompt_top=fin.prompt_top_logprobs)
+                logprobs = legacy_logprobs(service.texts, group.tokens[i], start=len(prompt), after=gen_req.prompt[-1],
+                                           prompt=gen_req.prompt, prompt_logprobs=fin.prompt_logprobs,
+                                           prompt_top=fin.prompt_top_logprobs)
             else:
-                logprobs = legacy_logprobs(service.texts, group.tokens[i])
+                logprobs = legacy_logprobs(service.texts, group.tokens[i], after=gen_req.prompt[-1])
         choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": fin.reason})
     return {**_head("text_completion", service), "choices": choices, "usage": _usage(finished)}
 

@@ -71,10 +71,15 @@ class TokenTexts:
     def text(self, token: int) -> str:
         return self.bytes(token).decode("utf-8", errors="replace")
 
-    def offsets(self, ids: list[int], start: int = 0) -> list[int]:
-        """Each token's start in start + decode(ids), counted the way the decoded text counts."""
+    def offsets(self, ids: list[int], start: int = 0, after: int | None = None) -> list[int]:
+        """Each token's start in start + decode(ids), counted the way the decoded text counts; with
+        after (the prompt's last token) as ids decode continuing it: SentencePiece then keeps the
+        first token's leading space, as a completion returned after its prompt does."""
         decoder, at, out = StreamDecoder(self.tokenizer), start, []
-        for i in ids:
+        if after is not None:
+            decoder.push(after)
+        for n, i in enumerate(ids):
             out.append(at)
-            at += len(decoder.push(i))
+            if n + 1 < len(ids):  # the last token's length moves nothing
+                at += len(decoder.push(i))
         return out

@@ -197,6 +197,23 @@ def test_completion_logprobs_and_echo(client, service):
     assert plain.logprobs.text_offset[0] == 0
 
 
+def test_completion_text_offsets_count_the_returned_text(client, service):
+    """A completion continues its prompt, so its first token keeps SentencePiece's leading space in the
+    returned text; every token's text_offset points at that token in the returned text, and the
+    non-streamed offsets equal the streamed ones (which count the text as it is sent)."""
+    texts, tok = service.texts, service.tokenizer
+    ids = tok.encode("Hello world again", bos=False, eos=False)  # ▁Hello ▁world ▁again
+    returned = "0123456789" + " " + tok.decode(ids)  # decoded alone the first space is dropped; returned, it is kept
+    offsets = texts.offsets(ids, 10, after=tok.encode("Say", bos=False, eos=False)[-1])
+    assert [returned[o:o + len(texts.text(i))] for o, i in zip(offsets, ids)] == [texts.text(i) for i in ids]
+
+    kw = dict(model=MODEL, prompt="The quick brown fox", max_tokens=8, logprobs=0, **GREEDY)
+    whole = client.completions.create(**kw).choices[0].logprobs.text_offset
+    streamed = [o for c in client.completions.create(stream=True, **kw) if c.choices and c.choices[0].logprobs
+                for o in c.choices[0].logprobs.text_offset]
+    assert whole == streamed
+
+
 def test_score_model_card_sample(url):
     body = {"input_data": {"input_string": ["the meaning of life is", "Hello"],
                            "parameters": {"temperature": 0.5, "top_p": 0.5, "max_new_tokens": 10, "do_sample": True}}}

@@ -315,8 +315,11 @@ def hf_labels(cfg: dict[str, Any]) -> list[str]:
     num_labels that disagrees with it wins with LABEL_i names; neither gives transformers' default two."""
     id2label, n = cfg.get("id2label"), cfg.get("num_labels")
     fix = "fix id2label in config.json (the one that came with the weights)"
-    if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
-        raise ConfigError(f"num_labels must be a positive integer, got {_show(n)}: {fix}")
+    limit = INT_LIMITS["num_labels"]  # checked before any label list is built from it
+    if n is not None and not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= limit):
+        raise ConfigError(f"num_labels must be an integer from 1 to {limit}, got {_show(n)}: {fix}")
+    if isinstance(id2label, dict) and len(id2label) > limit:
+        raise ConfigError(f"id2label names {len(id2label)} labels; at most {limit}: {fix}")
     if id2label is None or (n is not None and isinstance(id2label, dict) and n != len(id2label)):
         return default_labels(2 if n is None else n)
     if not isinstance(id2label, dict) or not id2label:

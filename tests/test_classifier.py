@@ -280,6 +280,7 @@ def test_hf_labels(edit, labels):
     ({"problem_type": "ranking"}, "problem_type 'ranking' is not one of"),
     ({"architectures": ["LlamaForTokenClassification"]}, "architecture 'LlamaForTokenClassification' is not supported"),
     ({"id2label": {"0": "a", "1": "b"}, "label2id": None}, "score.weight has shape [3, 64], expected [2, 64]"),
+    ({"id2label": None, "num_labels": 10**9}, "num_labels must be an integer from 1 to 65536"),  # refused before a list is built
 ])
 def test_bad_classifier_checkpoints(tmp_path, edit, message):
     from llama2_onnx.models import checkpoint

@@ -171,7 +171,7 @@ class Model:
         pos = cache.next_pos[:, None] + np.cumsum(new_mask, axis=1, dtype=np.int64) - 1  # (B, S)
         pos = np.maximum(pos, 0)
         feeds = {contract.INPUT_IDS: np.ascontiguousarray(input_ids, np.int64),
-                 contract.ATTENTION_MASK: mask, contract.POSITION_IDS: pos, **self._keep_feed(all_logits)}
+                 contract.ATTENTION_MASK: mask, contract.POSITION_IDS: pos, **self._keep_feed(all_logits, s)}
         if self.io_binding:
             logits = self._run_bound(feeds, cache)
         else:
@@ -184,9 +184,10 @@ class Model:
             return _every_position(logits, s)
         return np.ascontiguousarray(logits[:, -1, :], dtype=np.float32)
 
-    def _keep_feed(self, all_logits: bool) -> dict:
-        """logits_to_keep for a step: every position (the graph's default) or the last one."""
-        return {contract.LOGITS_TO_KEEP: logits_to_keep(all_logits)} if self.keeps_logits else {}
+    def _keep_feed(self, all_logits: bool, s: int) -> dict:
+        """logits_to_keep for a step of s tokens: every position (the graph's default) or the last one.
+        A one-token step feeds nothing: either gives [B, 1, V] (and a bound step keeps the last value)."""
+        return {contract.LOGITS_TO_KEEP: logits_to_keep(all_logits)} if self.keeps_logits and s > 1 else {}
 
     def _run_bound(self, feeds: dict, cache: KVCache) -> np.ndarray:
         binding = self.session.io_binding()
@@ -222,9 +223,8 @@ class Model:
         if total > cache.capacity:
             self._grow(cache, max(total, min(2 * cache.capacity, self.config.model.max_seq_len)))
         mask = (np.arange(total)[None, :] < lengths[:, None]).astype(np.int64)
-        feeds = {contract.INPUT_IDS: np.ascontiguousarray(input_ids, np.int64), contract.ATTENTION_MASK: mask}
-        if s > 1 or not self.io_binding:  # a bound one-token step keeps the last value: both give [B, 1, V]
-            feeds.update(self._keep_feed(all_logits))
+        feeds = {contract.INPUT_IDS: np.ascontiguousarray(input_ids, np.int64), contract.ATTENTION_MASK: mask,
+                 **self._keep_feed(all_logits, s)}
         if self.io_binding:
             logits = self._run_fused_bound(feeds, cache, s)
         else:
@@ -329,9 +329,14 @@ def wrong_task(folder: Path, config: FolderConfig, task: str) -> str:
 PROMPT_CHUNK = 256  # CPU: 2048 tokens of SmolLM2 in 3.1 s in chunks of 256, 3.7 s of 128 or 512, 5.0 s at once
 
 
+_KEEP = {flag: np.array(contract.KEEP_ALL if flag else 1, np.int64) for flag in (True, False)}
+for _value in _KEEP.values():
+    _value.flags.writeable = False
+
+
 def logits_to_keep(all_logits: bool) -> np.ndarray:
-    """The logits_to_keep input: every position (contract.KEEP_ALL), or the last one."""
-    return np.array(contract.KEEP_ALL if all_logits else 1, np.int64)
+    """The logits_to_keep input (read-only, made once): every position (contract.KEEP_ALL), or the last one."""
+    return _KEEP[bool(all_logits)]
 
 
 def _every_position(logits: np.ndarray, s: int) -> np.ndarray:

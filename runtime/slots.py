@@ -220,7 +220,7 @@ class PortableSlots(Slots):
         start, s = int(self.lengths[slot]), ids.shape[1]
         feeds = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: np.ones((1, start + s), np.int64),
                  contract.POSITION_IDS: np.arange(start, start + s, dtype=np.int64)[None, :]}
-        if self.model.keeps_logits:
+        if self.model.keeps_logits and s > 1:  # one token: every position is the last one
             feeds[contract.LOGITS_TO_KEEP] = logits_to_keep(all_logits)
         feeds.update(zip(self._past_names, self.past[slot]))
         logits, *self.past[slot] = self.model.session.run(None, feeds)

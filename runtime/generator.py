@@ -150,6 +150,13 @@ class Generator:
             progress("ready", len(LOAD_STAGES), len(LOAD_STAGES))
         return cls(model, tok)
 
+    def stop_ids(self) -> set[int]:
+        """The tokens that end a generation: EOS (and the checkpoint's other end ids) + the chat format's."""
+        ids = set(self.args.eos_ids)
+        if self.chat_style in CHAT_FORMATS:
+            ids |= set(CHAT_FORMATS[self.chat_style].stop_ids(self.tokenizer))
+        return ids
+
     # ---- public API --------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
         if not prompt.strip():
@@ -240,9 +247,7 @@ class Generator:
         budgets = self._budgets(prompts, max_new_tokens, prompt_logprobs)  # per row
         longest = max(len(p) for p in prompts)
         rng = make_rng(seed)
-        stop_ids = set(self.args.eos_ids)
-        if self.chat_style in CHAT_FORMATS:
-            stop_ids |= set(CHAT_FORMATS[self.chat_style].stop_ids(self.tokenizer))
+        stop_ids = self.stop_ids()
         rows = [_Row(prompt=list(p), decoder=StreamDecoder(self.tokenizer)) for p in prompts]
 
         # left padding: every row ends at the same column

@@ -35,3 +35,10 @@ def prompt_logprobs(logits: np.ndarray, prompt: Sequence[int]) -> list[float]:
     written (with echo=True, BOS comes out with logprob 0.0).
     """
     return [0.0] + token_logprobs(logits[: len(prompt) - 1], prompt[1:]).tolist()
+
+
+def top_logprobs(logp: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """The k best (token id, logprob) of one row of log-probabilities (V,), best first (ties: lower id)."""
+    k = min(k, len(logp))
+    best = np.argpartition(-logp, k - 1)[:k] if k else np.zeros(0, np.int64)
+    return sorted(((int(i), float(logp[i])) for i in best), key=lambda p: (-p[1], p[0]))

@@ -52,9 +52,8 @@ from typing import Callable
 
 import numpy as np
 
-from llama2_onnx.runtime.chat_format import CHAT_FORMATS
 from llama2_onnx.runtime.generator import Generator, split_at_stop
-from llama2_onnx.runtime.logprobs import log_softmax
+from llama2_onnx.runtime.logprobs import log_softmax, top_logprobs
 from llama2_onnx.runtime.sampler import SamplingError, SamplingParams, make_rng, sample
 from llama2_onnx.runtime.session import Model
 from llama2_onnx.runtime.slots import make_slots
@@ -148,11 +147,16 @@ class _Seq:
     prompt_logprobs: list | None = None
     prompt_top: list | None = None  # per prompt token, its top alternatives (prompt logprobs with logprobs > 0)
     ttft_s: float = 0.0
-    decoding: bool = False  # prompt read, first token sampled: in every decode step until it finishes
 
     @property
     def prefilling(self) -> bool:
         return self.read < len(self.req.prompt)
+
+    @property
+    def decoding(self) -> bool:
+        """Prompt read (its first token is sampled in the same round): in every decode step until it
+        finishes, when it leaves `running`."""
+        return not self.prefilling
 
 
 # ---- the engine ------------------------------------------------------------------------------------
@@ -183,11 +187,8 @@ class Engine:
 
     @classmethod
     def from_generator(cls, gen: Generator, **kw) -> "Engine":
-        """The generator's model and tokenizer; stop ids as Generator's: EOS + the chat format's."""
-        stop_ids = set(gen.args.eos_ids)
-        if gen.chat_style in CHAT_FORMATS:
-            stop_ids |= set(CHAT_FORMATS[gen.chat_style].stop_ids(gen.tokenizer))
-        return cls(gen.model, gen.tokenizer, stop_ids, **kw)
+        """The generator's model and tokenizer, and its stop ids (EOS + the chat format's)."""
+        return cls(gen.model, gen.tokenizer, gen.stop_ids(), **kw)
 
     # ---- the caller's side (any thread) ---------------------------------------------------------
     def start(self) -> None:
@@ -344,7 +345,7 @@ class Engine:
             logp = log_softmax(logits[:len(nxt)])  # (S or S-1, V)
             seq.prompt_logprobs += np.take_along_axis(logp, nxt[:, None], axis=-1)[:, 0].tolist()
             if seq.prompt_top is not None:
-                seq.prompt_top += [_top(row, seq.req.logprobs) for row in logp]
+                seq.prompt_top += [top_logprobs(row, seq.req.logprobs) for row in logp]
         self._after_chunks([seq], [len(chunk)], logits[-1:])
 
     def _prefill_rows(self, seqs: list[_Seq]) -> None:
@@ -399,15 +400,13 @@ class Engine:
             lp = top = None
             if req.logprobs is not None:
                 logp = log_softmax(row)  # (V,)
-                lp, top = float(logp[tok]), _top(logp, req.logprobs)
+                lp, top = float(logp[tok]), top_logprobs(logp, req.logprobs)
             if not self._emit(seq, TokenEvent(tok, text, lp, top)):
                 continue
             if hit:
                 self._finish(seq, STOP)
             elif len(seq.tokens) >= seq.budget:
                 self._finish(seq, LENGTH, tail=seq.pending + seq.decoder.flush())
-            else:
-                seq.decoding = True
 
     def _release(self, seq: _Seq, pending: str) -> tuple[str, bool]:
         """Generator's stop-string rule: (text to release now, whether a stop string was hit)."""
@@ -445,13 +444,6 @@ class Engine:
             self.waiting.clear()
         for seq in left:
             self._finish(seq, CANCELLED)
-
-
-def _top(logp: np.ndarray, k: int) -> list[tuple[int, float]]:
-    """The k best (token id, logprob) of one row of log-probabilities, best first (ties: lower id)."""
-    k = min(k, len(logp))
-    best = np.argpartition(-logp, k - 1)[:k] if k else np.zeros(0, np.int64)
-    return sorted(((int(i), float(logp[i])) for i in best), key=lambda p: (-p[1], p[0]))
 
 
 def _late(seq: _Seq, now: float) -> bool:

@@ -142,11 +142,15 @@ def read_manifest(folder: Path) -> dict[str, Listed]:
     return listed
 
 
+def folder_key(folder: Path) -> str:
+    """A folder's name in the cache folder's per-folder records (verified stamps, start-up cache)."""
+    return hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24]
+
+
 def _stamp_path(folder: Path) -> Path:
     from llama2_onnx.assets import cache_dir
 
-    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24]
-    return cache_dir() / "verified" / f"{key}.json"
+    return cache_dir() / "verified" / f"{folder_key(folder)}.json"
 
 
 def _file_states(folder: Path, names) -> dict[str, list[int]]:

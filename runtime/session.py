@@ -281,10 +281,11 @@ def _open(model_path: Path, p: Provider, threads: int | None, device_id: int,
     from the cache), "written" (this start wrote it) or "off". A cache never costs a load: when it
     cannot be written, the folder is opened as it is."""
     opts = _options(p, threads)
-    if not (startup_cache and p.name == "cpu" and session_cache.worth_caching(model_path.parent)):
+    folder = model_path.parent
+    data = session_cache.data_size(folder) if startup_cache and p.name == "cpu" else None
+    if data is None or data > session_cache.MAX_DATA:
         p_opts = {"device_id": str(device_id)} if p.name in ("cuda", "dml") else {}
         return ort.InferenceSession(str(model_path), opts, providers=[(p.ort_name, p_opts)]), "off"
-    folder = model_path.parent
     cached = session_cache.lookup(folder, p.name)
     if cached is not None:
         try:  # already optimized: opening it is reading the weights, prepacked
@@ -292,7 +293,7 @@ def _open(model_path: Path, p: Provider, threads: int | None, device_id: int,
         except Exception:  # unreadable: written again below
             pass
     saving = _options(p, threads)
-    tmp = session_cache.saving(saving, folder)
+    tmp = session_cache.saving(saving, folder, data)
     if tmp is not None:
         try:
             session = ort.InferenceSession(str(model_path), saving, providers=[p.ort_name])

@@ -37,6 +37,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from . import contract
+from .folder import folder_key
 
 MODEL, DATA, KEY = "model.opt.onnx", "model.opt.onnx.data", "key.json"
 
@@ -66,7 +67,7 @@ def sessions_dir() -> Path:
 
 
 def entry_dir(folder: Path) -> Path:
-    return sessions_dir() / hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24]
+    return sessions_dir() / folder_key(folder)
 
 
 def lookup(folder: Path, provider: str) -> Path | None:
@@ -83,16 +84,12 @@ def lookup(folder: Path, provider: str) -> Path | None:
 MAX_DATA = 2 << 30  # larger folders are opened as they are (see the module docstring)
 
 
-def data_size(folder: Path) -> int:
-    """The bytes of the folder's files (model, weights, tokenizer)."""
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-
-
-def worth_caching(folder: Path) -> bool:
+def data_size(folder: Path) -> int | None:
+    """The bytes of the folder's files (model, weights, tokenizer); None where they cannot be read."""
     try:
-        return data_size(folder) <= MAX_DATA
+        return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
     except OSError:
-        return False
+        return None
 
 
 # An entry holds the weights and their prepacked copies: about 2.2x the folder's data for SmolLM2
@@ -100,13 +97,14 @@ def worth_caching(folder: Path) -> bool:
 ROOM_FACTOR = 4
 
 
-def saving(opts: ort.SessionOptions, folder: Path) -> Path | None:
-    """Set opts to write the optimized model into a new temporary entry; returns its folder (commit it),
-    or None (opts untouched) where the cache folder cannot be written or the disk lacks the room."""
+def saving(opts: ort.SessionOptions, folder: Path, data: int) -> Path | None:
+    """Set opts to write the optimized model of folder (data bytes: data_size) into a new temporary
+    entry; returns its folder (commit it), or None (opts untouched) where the cache folder cannot be
+    written or the disk lacks the room."""
     parent = entry_dir(folder).parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        if shutil.disk_usage(parent).free < ROOM_FACTOR * data_size(folder):
+        if shutil.disk_usage(parent).free < ROOM_FACTOR * data:
             return None
         tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=parent))
     except OSError:

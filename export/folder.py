@@ -43,7 +43,7 @@ def genai_config(cfg: FolderConfig) -> dict:
                 "num_key_value_heads": a.n_kv_heads,
             },
             "eos_token_id": a.eos_ids,
-            "pad_token_id": a.pad_id if a.pad_id is not None else a.eos_id,
+            "pad_token_id": a.fill_id,
             "type": "llama",
             "vocab_size": a.vocab_size,
         },

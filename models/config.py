@@ -132,6 +132,11 @@ class ModelArgs:
         return self.num_labels is not None
 
     @property
+    def fill_id(self) -> int:
+        """The token that pads a row: pad_id, else EOS."""
+        return self.pad_id if self.pad_id is not None else self.eos_id
+
+    @property
     def eos_ids(self) -> list[int]:
         return [self.eos_id, *[i for i in self.extra_eos_ids if i != self.eos_id]]
 

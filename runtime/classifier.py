@@ -27,7 +27,7 @@ from . import contract
 from .folder import FolderConfig
 from .logprobs import log_softmax
 from .session import Model
-from .tokenizer import Tokenizer, load_tokenizer, well_formed
+from .tokenizer import Tokenizer, load_tokenizer
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
 
@@ -97,7 +97,7 @@ class Classifier:
                             "or pass token ids to logits_ids")
         if not isinstance(text, str):
             raise UserError(f"text-classification takes strings, got {type(text).__name__}")
-        ids = self.tokenizer.encode(well_formed(text), bos=self.config.add_bos, eos=False)
+        ids = self.tokenizer.encode(text, bos=self.config.add_bos, eos=False)  # encode makes it well formed
         limit = self.config.model.max_seq_len
         if truncation:
             ids = ids[:limit]

@@ -152,11 +152,11 @@ def external_tensors(data: bytes) -> list[ExternalTensor]:
 # ---- the check -------------------------------------------------------------------------------
 
 
-def check_external_data(folder: Path, listed: dict[str, Listed], model_file: str) -> set[str]:
+def check_external_data(folder: Path, listed: dict[str, Listed], model_file: str) -> None:
     """Refuse (ModelFolderError, one line) any external-data location of folder/model_file that is
     not a plain file name listed in the manifest, or a range past the end of that file. listed is
     check_manifest's answer: each listed file is already a regular file inside the folder of the
-    listed size, so its size is taken from there. Returns the data files used."""
+    listed size, so its size is taken from there."""
     path = folder / model_file
     try:
         tensors = external_tensors(path.read_bytes())
@@ -164,7 +164,6 @@ def check_external_data(folder: Path, listed: dict[str, Listed], model_file: str
         raise ModelFolderError(f"{path} is not a valid ONNX model ({e}); export it again") from None
     except OSError as e:
         raise ModelFolderError(f"cannot read {path} ({e.strerror}); check the folder's permissions") from None
-    used: set[str] = set()
     for t in tensors:
         loc = t.location
         where = f"{path}: tensor {t.name!r} keeps its data in {loc!r}"
@@ -176,5 +175,3 @@ def check_external_data(folder: Path, listed: dict[str, Listed], model_file: str
         if t.offset < 0 or (t.length is not None and t.length < 0) or t.offset + (t.length or 0) > size:
             raise ModelFolderError(f"{where} at offset {t.offset} length {t.length}, past the end of that "
                                    f"{size}-byte file; export the model again")
-        used.add(loc)
-    return used

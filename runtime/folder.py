@@ -21,6 +21,8 @@ from llama2_onnx.assets import sha256_of as sha256_file
 from llama2_onnx.errors import UserError
 from llama2_onnx.models.config import ConfigError, ModelArgs, load_json
 
+from .tokenizer import HF_CONFIG_FILE, HF_FILE, SPM_FILE
+
 from . import contract
 
 PRECISIONS = ("fp32", "fp16", "int4")
@@ -201,7 +203,7 @@ def check_manifest(folder: Path, *, hashes: bool | None = None) -> dict[str, Lis
 
 
 # files the runtime reads when they are present (runtime.tokenizer.load_tokenizer): each must be listed
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")
+TOKENIZER_FILES = (SPM_FILE, HF_FILE, HF_CONFIG_FILE)
 
 
 def check_folder(folder: Path, *, hashes: bool | None = None) -> FolderConfig:

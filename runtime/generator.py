@@ -131,7 +131,7 @@ class Generator:
         cfg = model.config
         self.args = cfg.model
         self.chat_style = cfg.chat_format
-        self.pad_id = self.args.pad_id if self.args.pad_id is not None else self.args.eos_id
+        self.pad_id = self.args.fill_id
         self._lock = threading.Lock()  # one model step at a time (see the module docstring)
 
     @classmethod

@@ -60,8 +60,7 @@ class Slots:
             raise ValueError(f"n_slots must be at least 1, got {n_slots}")
         self.model, self.n_slots = model, n_slots
         self.capacity = min(capacity or a.max_seq_len, a.max_seq_len)  # tokens a slot holds at most
-        self.vocab_size = a.vocab_size
-        self.pad_id = a.pad_id if a.pad_id is not None else a.eos_id
+        self.pad_id = a.fill_id
         self.lengths = np.zeros(n_slots, np.int64)  # tokens in each slot's cache
 
     def free(self, slot: int) -> None:

@@ -40,6 +40,8 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from llama2_onnx.runtime import contract
+
     from .api import export_model  # torch is imported here, not at --help
     from .precision import Int4Options
 
@@ -58,7 +60,7 @@ def run(args) -> int:
     if v.get("mode") == "layers":
         print(f"verify: {v['layers']} layers one at a time, max |diff| from PyTorch {v['max_abs_diff']:.2e} "
               f"(layer {v['worst_layer']}); the whole model did not fit in memory twice")
-    elif v.get("task") == "text-classification":
+    elif v.get("task") == contract.TASK_CLASSIFICATION:
         print(f"verify: max |logit diff| {v['max_abs_logit_diff']:.2e}, label agreement {v['label_agreement']:.1%} "
               f"over {v['sentences']} sentences (PyTorch fp32)")
     elif v:

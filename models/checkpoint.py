@@ -32,7 +32,7 @@ from llama2_onnx.errors import UserError
 
 from . import tensor_files
 from .checkpoint_layout import IGNORED, expected_shapes, hf_to_meta, rope_heads, shard_dim, source_name, to_meta_name
-from .config import PROBLEM_TYPES, ConfigError, ModelArgs, default_labels, hf_labels, load_json
+from .config import GGUF_LABELS, PROBLEM_TYPES, ConfigError, ModelArgs, default_labels, hf_labels, load_json
 from .gguf_vocab import VocabError, read_vocab
 from .tensor_files import TensorFileError, TensorRef
 
@@ -298,7 +298,6 @@ def open_hf(folder: Path) -> LazyCheckpoint:
 GGUF_MAGIC = b"GGUF"
 # What we dequantize (gguf.quants has these since gguf 0.10); the IQ types are refused.
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-GGUF_LABELS = "llama.classifier.output_labels"  # a classifier's labels by id
 _VOCAB_ARRAYS = {"tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"}
 
 

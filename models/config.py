@@ -306,6 +306,7 @@ GGUF_KEYS = {"dim": "llama.embedding_length", "n_layers": "llama.block_count", "
 
 
 HF_CLASSIFIER = "LlamaForSequenceClassification"
+GGUF_LABELS = "llama.classifier.output_labels"  # a GGUF classifier's labels by id
 HF_ARCHITECTURES = ("LlamaForCausalLM", HF_CLASSIFIER)
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 

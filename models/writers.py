@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .checkpoint_layout import expected_shapes, meta_to_hf, rope_heads, shard_dim, source_name
-from .config import HF_CLASSIFIER, ModelArgs, default_labels, meta_ffn_hidden_dim
+from .config import GGUF_LABELS, HF_CLASSIFIER, ModelArgs, default_labels, meta_ffn_hidden_dim
 
 
 def _weights(state_dict: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
@@ -240,7 +240,7 @@ def write_gguf(state_dict: dict[str, torch.Tensor], args: ModelArgs, path: str |
     for key, value in (vocab if vocab is not None else minimal_vocab(args)).items():
         add_gguf_value(w, key, value)
     if args.is_classifier:  # llama.cpp's classifier key; the head is cls.output.weight
-        w.add_array("llama.classifier.output_labels", labels or default_labels(args.num_labels))
+        w.add_array(GGUF_LABELS, labels or default_labels(args.num_labels))
     for name, t in _weights(state_dict, args).items():
         arr = t.detach().float().numpy()
         if arr.ndim == 1 or qt == GGMLQuantizationType.F32:  # norms stay F32, as llama.cpp writes them

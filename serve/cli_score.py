@@ -40,13 +40,17 @@ def run(args) -> int:
         from .service import Service
     except ImportError as e:
         raise UserError(f"score needs the serve extra ({e.name} is missing): pip install 'llama2-onnx[serve]'") from None
-    source, output = Path(args.input), Path(args.output)
-    open_job(source, output, parameters)[1].close()  # bad input or output fails here, before the model loads
-    folder = Path(args.model) if args.model else default_model()
-    service = Service.from_generator(open_generator(args), max_batch=args.max_batch, max_queue=4 * args.max_batch,
-                                     timeout_s=args.timeout, model_id=folder.name)
+    output = Path(args.output)
+    job = open_job(Path(args.input), output, parameters)  # bad input or output fails here, before the model loads
     try:
-        summary = score(service, source, output, parameters=parameters, progress=sys.stderr.isatty())
+        folder = Path(args.model) if args.model else default_model()
+        service = Service.from_generator(open_generator(args), max_batch=args.max_batch, max_queue=4 * args.max_batch,
+                                         timeout_s=args.timeout, model_id=folder.name)
+    except BaseException:
+        job[1].close()
+        raise
+    try:
+        summary = score(service, job, progress=sys.stderr.isatty())
     finally:
         service.close()
     print(f"score: {summary}; output in {output}", file=sys.stderr)

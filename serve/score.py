@@ -269,10 +269,11 @@ async def run_job(service: Service, items: list[Item], out: RecordFile, done: se
     return summary
 
 
-def score(service: Service, source: Path, output: Path, *, parameters: dict | None = None,
-          concurrency: int | None = None, progress: bool = False) -> Summary:
-    """Answer every item of source not yet in output; see the module docstring."""
-    items, out, done = open_job(source, output, parameters)
+def score(service: Service, job: tuple[list[Item], RecordFile, set[str]], *, concurrency: int | None = None,
+          progress: bool = False) -> Summary:
+    """Answer every item of job (open_job's answer) not yet in its output, and close the output; see
+    the module docstring."""
+    items, out, done = job
     try:
         limit = concurrency or 2 * service.engine.max_batch
         return asyncio.run(run_job(service, items, out, done, concurrency=limit, progress=progress))

@@ -41,6 +41,11 @@ def sampling_kwargs(args) -> dict:
                 top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
 
 
+def model_folder(args) -> Path:
+    """The MODEL argument's folder, or the default model's (exported on first use)."""
+    return Path(args.model) if args.model else default_model()
+
+
 def open_generator(args):
     from .generator import Generator
 
@@ -48,8 +53,7 @@ def open_generator(args):
         from llama2_onnx.errors import UserError
 
         raise UserError(f"--threads must be at least 1, got {args.threads}")
-    folder = Path(args.model) if args.model else default_model()
-    return Generator.from_dir(folder, provider=args.provider, threads=args.threads,
+    return Generator.from_dir(model_folder(args), provider=args.provider, threads=args.threads,
                               io_binding=not args.no_io_binding, check_hashes=args.check_hashes,
                               huge_pages=not args.no_huge_pages)
 

@@ -17,9 +17,10 @@ import webbrowser
 from pathlib import Path
 
 from llama2_onnx.errors import UserError
-from llama2_onnx.runtime.cli_common import add_model_arguments, default_model, open_generator
+from llama2_onnx.runtime.cli_common import add_model_arguments, model_folder, open_generator
 
 from . import cli_ray
+from .urls import browser_url, http_url
 
 
 def add_arguments(p) -> None:
@@ -71,12 +72,6 @@ def _check(args) -> None:
         raise UserError("--open opens the chat page, which --no-web turns off; give one of them")
 
 
-def _local(url: str, port: int) -> str:
-    """The URL a browser on this machine opens: a wildcard bind (0.0.0.0, ::) is reached at 127.0.0.1."""
-    host = url.split("//", 1)[1].rsplit(":", 1)[0]
-    return f"http://127.0.0.1:{port}" if host in ("0.0.0.0", "[::]") else url
-
-
 def _bind(host: str, port: int) -> socket.socket:
     try:
         family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
@@ -103,11 +98,11 @@ def run(args) -> int:
         raise UserError(f"serving needs the serve extra ({e.name} is missing): pip install 'llama2-onnx[serve]'") from None
     from llama2_onnx.runtime.folder import FolderConfig
 
-    folder = Path(args.model) if args.model else default_model()
+    folder = model_folder(args)
     FolderConfig.read(folder)  # a wrong folder fails here, in one line, before anything starts
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
-    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    url = http_url(host, port)
 
     state = ServerState()
     app = create_app(state, api_key=api_key, cors_origins=tuple(args.cors_origin), metrics=args.metrics,
@@ -129,7 +124,7 @@ def run(args) -> int:
         page = "" if args.no_web else f", chat page: {url}/"
         print(f"serving {service.model_id} at {url} (OpenAI API: {url}/v1{page})", flush=True)
         if args.open:
-            webbrowser.open(_local(url, port) + "/")
+            webbrowser.open(browser_url(host, port))
 
     loader = threading.Thread(target=load, name="llama2-onnx-load", daemon=True)
     loader.start()

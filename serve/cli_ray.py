@@ -17,10 +17,11 @@ import signal
 import socket
 import threading
 import webbrowser
-from pathlib import Path
 
 from llama2_onnx.errors import UserError
-from llama2_onnx.runtime.cli_common import default_model
+from llama2_onnx.runtime.cli_common import model_folder
+
+from .urls import browser_url, http_url
 
 APP_NAME = "llama2-onnx"
 LOCAL_OBJECT_STORE = 256 << 20  # bytes; Ray's minimum is 75 MiB, its default 30% of memory
@@ -108,7 +109,7 @@ def run_ray(args, api_key: str | None) -> int:
         raise UserError(f"--ray needs the ray extra ({e.name} is missing): pip install 'llama2-onnx[ray]'") from None
     from llama2_onnx.runtime.folder import FolderConfig
 
-    folder = (Path(args.model) if args.model else default_model()).resolve()  # replicas open it by this path
+    folder = model_folder(args).resolve()  # replicas open it by this path
     FolderConfig.read(folder)  # a wrong folder fails here, in one line, before Ray starts
     scale = Scaling(**scaling(args))
     threads = args.threads or default_threads(scale.max_replicas or scale.replicas)
@@ -135,13 +136,12 @@ def run_ray(args, api_key: str | None) -> int:
             serve.run(build_app(options, scale), name=APP_NAME, route_prefix="/", logging_config={"log_level": "WARNING"})
         except RuntimeError as e:  # a replica's constructor failed past its retries
             raise UserError(f"the Ray Serve deployment failed: {_deployment_message(serve) or str(e).splitlines()[0]}") from None
-        host = f"[{args.host}]" if ":" in args.host else args.host
-        url = f"http://{host}:{port}"
+        url = http_url(args.host, port)
         count = (f"{scale.replicas} replica{'s' * (scale.replicas > 1)}" if scale.replicas
                  else f"{scale.min_replicas} to {scale.max_replicas} replicas")
         print(f"serving {folder.name} on Ray Serve at {url} ({count} x {threads} threads; OpenAI API: {url}/v1)", flush=True)
         if args.open and not args.no_web:
-            webbrowser.open(f"http://127.0.0.1:{port}/" if args.host in ("0.0.0.0", "::") else url + "/")
+            webbrowser.open(browser_url(args.host, port))
         try:
             while not stop.wait(0.5):  # until SIGTERM; Ctrl-C raises KeyboardInterrupt here
                 pass

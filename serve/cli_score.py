@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from llama2_onnx.errors import UserError
-from llama2_onnx.runtime.cli_common import add_model_arguments, default_model, open_generator
+from llama2_onnx.runtime.cli_common import add_model_arguments, model_folder, open_generator
 
 
 def add_arguments(p) -> None:
@@ -43,7 +43,7 @@ def run(args) -> int:
     output = Path(args.output)
     job = open_job(Path(args.input), output, parameters)  # bad input or output fails here, before the model loads
     try:
-        folder = Path(args.model) if args.model else default_model()
+        folder = model_folder(args)
         service = Service.from_generator(open_generator(args), max_batch=args.max_batch, max_queue=4 * args.max_batch,
                                          timeout_s=args.timeout, model_id=folder.name)
     except BaseException:

@@ -17,7 +17,7 @@ from typing import Callable
 
 from llama2_onnx.errors import UserError
 
-from . import schedule, stats
+from . import report, schedule, stats
 from .job import Job, folder_weight_bytes
 from .machine import load_average, machine_info, read_bandwidth
 from .peers import PEERS, PRECISION_OF, skip_reason
@@ -174,9 +174,8 @@ def run_benchmark(*, model: str | Path, prompt_len: int = 128, new_tokens: int =
 
         result["startup"] = starts = measure_startup(str(folder), pts[0].threads, first_ids, timeout_s or 600,
                                                           cold=startup == "cold")
-        for name, s in starts.items():
-            log(f"start ({name}, prompt {len(first_ids)}): " + (s["error"] if "error" in s else
-                f"from_dir {s['from_dir_s']:.2f} s + first token {s['first_token_ms']:.0f} ms = {s['start_s']:.2f} s"))
+        for line in report.startup_lines(result):
+            log(f"{line} (prompt {len(first_ids)})")
     return result
 
 

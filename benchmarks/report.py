@@ -63,11 +63,11 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         if r["status"] != "ok":
             lines.append(f"{r['label']}: {r['status']} ({r['note']})")
-    lines += _startup_lines(result)
+    lines += startup_lines(result)
     return "\n".join(lines)
 
 
-def _startup_lines(result: dict) -> list[str]:
+def startup_lines(result: dict) -> list[str]:
     """One line per start of ours (benchmarks/startup.py), and the first start over the second."""
     starts = result.get("startup") or {}
     lines = [f"start {name}: " + (s["error"] if "error" in s else
@@ -91,7 +91,7 @@ def format_markdown(result: dict) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|"]
     lines += ["| " + " | ".join(show(r) for show in COLUMNS.values()) + " |" for r in ok]
     lines += [f"- {r['label']}: {r['status']} ({r['note']})" for r in result["rows"] if r["status"] != "ok"]
-    lines += ["", *(f"- {line}" for line in _startup_lines(result))] if result.get("startup") else []
+    lines += ["", *(f"- {line}" for line in startup_lines(result))] if result.get("startup") else []
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from llama2_onnx.benchmarks.machine import cpu_model
 from llama2_onnx.benchmarks.prompts import TEXT
+from llama2_onnx.benchmarks.serve_bench import parse_clients
 from llama2_onnx.runtime import Generator, SamplingParams
 from llama2_onnx.serve.engine import Engine, FinishEvent, GenRequest
 
@@ -90,7 +91,7 @@ def main(argv=None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model folder (default: the default model)")
-    p.add_argument("--clients", default="1,4,8")
+    p.add_argument("--clients", type=parse_clients, default=[1, 4, 8], help="concurrent clients, comma-separated (default 1,4,8)")
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--requests-per-client", type=int, default=2)
@@ -106,7 +107,7 @@ def main(argv=None) -> None:
     # no stop ids: every request runs to --tokens; the rows hold the model's whole context, as the server's do
     engine = Engine(gen.model, gen.tokenizer, set(), max_batch=args.max_batch, prompt_chunk=args.prompt_chunk)
     engine.start()
-    counts = [int(c) for c in args.clients.split(",")]
+    counts = args.clients
     prompts = windows(gen.tokenizer, args.prompt, max(counts) * args.requests_per_client, cfg.add_bos, cfg.model.bos_id)
     run_clients(engine, prompts, 1, 1, 16)  # warm-up
     rows = [run_clients(engine, prompts, n, args.requests_per_client, args.tokens) for n in counts]

@@ -202,7 +202,7 @@ def test_cold_starts_follow_a_page_cache_drop_or_say_why_not(tiny_onnx, tmp_path
     starts = startup.measure_startup(str(tiny_onnx), 1, ids, cold=True)
     assert [starts[k]["startup"] for k in startup.STARTS + startup.COLD_STARTS] == ["off", "written", "hit", "off", "hit"]
     assert (tmp_path / "drop_caches").read_text() == "1\n"
-    assert any("from a dropped page cache" in line for line in report._startup_lines({"startup": starts}))
+    assert any("from a dropped page cache" in line for line in report.startup_lines({"startup": starts}))
     monkeypatch.setattr(startup, "DROP_CACHES", str(tmp_path / "missing" / "drop_caches"))
     starts = startup.measure_startup(str(tiny_onnx), 1, ids, cold=True)
     assert all("cannot be dropped" in starts[k]["error"] for k in startup.COLD_STARTS)

@@ -269,7 +269,6 @@ class Generator:
         for row, b in zip(rows, budgets):
             if b == 0:  # a prompt that fills the context (or only scored): nothing to generate
                 row.finish = FINISH_LENGTH
-        n = -1
         for n in range(budget):
             history = [r.prompt + r.tokens for r in rows] if params.repetition_penalty != 1.0 else None
             chosen = sample(logits, params, rng, prev_tokens=history)  # (B,)
@@ -283,29 +282,23 @@ class Generator:
             for i, (row, tok) in enumerate(zip(rows, chosen.tolist())):
                 if row.finish is None and (text := self._advance(row, tok, stop_ids, stop, chosen_logprobs[i])):
                     yield i, text
-                if row.finish is None and n + 1 == budgets[i]:  # this row's own limit
-                    row.finish = FINISH_LENGTH
-                    if text := self._emit(row, row.pending + row.decoder.flush()):
-                        yield i, text
-            if all(r.finish for r in rows) or n == budget - 1 or (cancelled is not None and cancelled.is_set()):
+                if row.finish is None and n + 1 == budgets[i] and (text := self._finish(row, FINISH_LENGTH)):
+                    yield i, text  # this row's own limit: every row ends by the last step
+            if all(r.finish for r in rows) or (cancelled is not None and cancelled.is_set()):
                 break
             feed = np.array([[t.tokens[-1] if t.finish is None else self.pad_id] for t in rows], np.int64)
             with self._lock:
                 logits = self.model.step(feed, np.ones_like(feed), cache)
-        stopped = cancelled is not None and cancelled.is_set() and n < budget - 1  # left early, not at the limit
         for i, row in enumerate(rows):
-            if row.finish is None:
-                row.finish = FINISH_CANCELLED if stopped else FINISH_LENGTH
-                if text := self._emit(row, row.pending + row.decoder.flush()):
-                    yield i, text
+            if row.finish is None and (text := self._finish(row, FINISH_CANCELLED)):  # left early: cancelled
+                yield i, text
             results.append(GenerationResult(row.text, row.tokens, row.finish, len(row.prompt), timings,
                                             row.logprobs if logprobs else None, row.prompt_logprobs))
 
     def _advance(self, row: _Row, tok: int, stop_ids: set[int], stop: list[str], logprob: float | None = None) -> str:
         """Take one sampled token (and its logprob, if kept) into the row; return the text it releases."""
         if tok in stop_ids:
-            row.finish = FINISH_EOS
-            return self._emit(row, row.pending + row.decoder.flush())
+            return self._finish(row, FINISH_EOS)
         row.tokens.append(tok)
         if logprob is not None:
             row.logprobs.append(logprob)
@@ -313,6 +306,11 @@ class Generator:
         if hit:
             row.finish = FINISH_STOP
         return self._emit(row, text, keep=keep)
+
+    def _finish(self, row: _Row, reason: str) -> str:
+        """End the row for reason; return the text it still held back (and an unfinished character)."""
+        row.finish = reason
+        return self._emit(row, row.pending + row.decoder.flush())
 
     @staticmethod
     def _emit(row: _Row, text: str, keep: str = "") -> str:

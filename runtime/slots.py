@@ -32,8 +32,9 @@ tokens and writes the new keys and values at that row's end, in place.
   only its ids and mask.
 
 PortableSlots (the portable graph, whose past and present are separate growing tensors): one
-batch-1 host cache per slot, and a decode step runs the busy slots one after another. Correct and
-simple; no batched compute (the fused graph is the one to serve with).
+batch-1 KVCache per slot, stepped by Model.step (I/O binding and all), and a decode step runs the
+busy slots one after another. Correct and simple; no batched compute (the fused graph is the one
+to serve with).
 
 Numerics: every row of a step computes exactly what it would compute alone (tests/test_serve_engine.py
 checks prefill chunking and decode batching against Model.step bit for bit on the CPU).
@@ -201,38 +202,32 @@ class FusedSlots(Slots):
 
 
 class PortableSlots(Slots):
-    """The portable graph: one batch-1 host cache per slot; decode runs the slots one by one."""
+    """The portable graph: one batch-1 KVCache per slot, run by Model.step; decode runs the slots
+    one by one."""
 
     def __init__(self, model: Model, n_slots: int, capacity: int | None = None):
         super().__init__(model, n_slots, capacity)
-        a = model.config.model
-        self._past_names = contract.past_names(a.n_layers)
-        empty = np.zeros((1, a.n_kv_heads, 0, a.head_dim), np.dtype(model.config.kv_dtype))
-        self._empty = [empty] * len(self._past_names)
-        self.past = [list(self._empty) for _ in range(n_slots)]  # per slot: 2 * n_layers arrays (1, kv, L, hd)
+        self.caches = [self._new_cache() for _ in range(n_slots)]
+
+    def _new_cache(self):
+        return self.model.new_cache(np.ones((1, 0), np.int64))
 
     def free(self, slot: int) -> None:
         super().free(slot)
-        self.past[slot] = list(self._empty)
+        self.caches[slot] = self._new_cache()
 
     def _run(self, slot: int, ids: np.ndarray, all_logits: bool = False) -> np.ndarray:
-        start, s = int(self.lengths[slot]), ids.shape[1]
-        feeds = {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: np.ones((1, start + s), np.int64),
-                 contract.POSITION_IDS: np.arange(start, start + s, dtype=np.int64)[None, :]}
-        if self.model.keeps_logits and s > 1:  # one token: every position is the last one
-            feeds[contract.LOGITS_TO_KEEP] = logits_to_keep(all_logits)
-        feeds.update(zip(self._past_names, self.past[slot]))
-        logits, *self.past[slot] = self.model.session.run(None, feeds)
-        self.lengths[slot] = start + s
-        return logits[0]  # (S, V), or (1, V) when only the last was kept
+        """(S, V) with all_logits, else (1, V): the last position's logits."""
+        logits = self.model.step(ids, np.ones_like(ids), self.caches[slot], all_logits=all_logits)
+        self.lengths[slot] += ids.shape[1]
+        return logits[0] if all_logits else logits
 
     def prefill(self, slot: int, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        logits = self._run(slot, self._check_prefill(slot, ids), all_logits)
-        return logits if all_logits else logits[-1:]
+        return self._run(slot, self._check_prefill(slot, ids), all_logits)
 
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
         self._check_decode(slots, tokens)
-        return np.stack([self._run(s, np.array([[t]], np.int64))[-1] for s, t in zip(slots, tokens)])
+        return np.concatenate([self._run(s, np.array([[t]], np.int64)) for s, t in zip(slots, tokens)])
 
 
 def _zeros_4k(shape: tuple, dtype: np.dtype) -> np.ndarray:

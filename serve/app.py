@@ -192,19 +192,20 @@ def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: 
         log.exception("unhandled error")
         return _error_response(APIError(500, f"internal error: {type(e).__name__}", code="internal_error"))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def answer(request: Request, body, chunks, whole):
+        """A streamed (SSE) or whole OpenAI answer, as the request asks."""
         service = state.ready()
         if body.stream:
-            return _sse(request, *openai_api.chat_chunks(service, body))
-        return await _unless_disconnected(request, openai_api.chat_completion(service, body))
+            return _sse(request, *chunks(service, body))
+        return await _unless_disconnected(request, whole(service, body))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        return await answer(request, body, openai_api.chat_chunks, openai_api.chat_completion)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        service = state.ready()
-        if body.stream:
-            return _sse(request, *openai_api.completion_chunks(service, body))
-        return await _unless_disconnected(request, openai_api.completion(service, body))
+        return await answer(request, body, openai_api.completion_chunks, openai_api.completion)
 
     @app.get("/v1/models")
     async def models():

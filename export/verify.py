@@ -54,14 +54,28 @@ def perplexity(logits: np.ndarray, tokens: list[int]) -> float:
     return float(np.exp(nll.mean()))
 
 
+def cpu_session(path: Path) -> ort.InferenceSession:
+    """The bare graph on ONNX Runtime's CPU provider, quietly: the reference side of a check."""
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def check_fp32(precision: str, diff: float) -> None:
+    """Raise VerificationError when an fp32 export's logits stray past FP32_TOLERANCE from PyTorch's."""
+    if precision == "fp32" and not diff <= FP32_TOLERANCE:
+        raise VerificationError(
+            f"verification failed: max |logit diff| {diff:.3g} exceeds {FP32_TOLERANCE:g} for an fp32 export; "
+            "the ONNX graph does not match PyTorch (please report this with the checkpoint's config)"
+        )
+
+
 class OnnxDecoder:
     """The bare graph with NumPy feeds: an independent path from runtime.Model."""
 
     def __init__(self, path: Path, n_layers: int, n_kv_heads: int, head_dim: int, kv_dtype,
                  graph: str = contract.GRAPH_PORTABLE):
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(path)
         self.n_layers, self.kv_shape, self.kv_dtype = n_layers, (n_kv_heads, head_dim), kv_dtype
         self.positions = graph == contract.GRAPH_PORTABLE  # the fused graph derives them from the mask
 
@@ -116,9 +130,5 @@ def verify(folder: Path, reference: Transformer, *, greedy_tokens: int = 32) -> 
         "greedy_tokens": greedy_tokens,
         "reference": "pytorch float32",
     }
-    if precision == "fp32" and not diff <= FP32_TOLERANCE:
-        raise VerificationError(
-            f"verification failed: max |logit diff| {diff:.3g} exceeds {FP32_TOLERANCE:g} for an fp32 export; "
-            "the ONNX graph does not match PyTorch (please report this with the checkpoint's config)"
-        )
+    check_fp32(precision, diff)
     return result

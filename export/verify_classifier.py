@@ -15,7 +15,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from llama2_onnx.models.llama import Transformer
@@ -25,7 +24,7 @@ from llama2_onnx.runtime.folder import FolderConfig
 from llama2_onnx.runtime.tokenizer import load_tokenizer
 
 from .quality_text import PERPLEXITY_TEXT
-from .verify import FP32_TOLERANCE, VerificationError
+from .verify import check_fp32, cpu_session
 
 
 def sentences() -> list[str]:
@@ -49,10 +48,7 @@ def verify_classifier(folder: Path, reference: Transformer) -> dict:
     cfg = FolderConfig.read(folder)
     rows = sentence_tokens(folder, cfg)
     ids, mask = pad_batch(rows, cfg.model.pad_id)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(folder / contract.MODEL_FILE), opts, providers=["CPUExecutionProvider"])
-    got = session.run([contract.LOGITS], {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: mask})[0]
+    got = cpu_session(folder / contract.MODEL_FILE).run([contract.LOGITS], {contract.INPUT_IDS: ids, contract.ATTENTION_MASK: mask})[0]
     with torch.no_grad():
         ref = reference.classify(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
     diff = float(np.abs(got - ref).max())
@@ -63,8 +59,5 @@ def verify_classifier(folder: Path, reference: Transformer) -> dict:
         "label_agreement": float((got.argmax(-1) == ref.argmax(-1)).mean()),
         "reference": "pytorch float32",
     }
-    if cfg.precision == "fp32" and not diff <= FP32_TOLERANCE:
-        raise VerificationError(
-            f"verification failed: max |logit diff| {diff:.3g} exceeds {FP32_TOLERANCE:g} for an fp32 export; "
-            "the ONNX graph does not match PyTorch (please report this with the checkpoint's config)")
+    check_fp32(cfg.precision, diff)
     return result

@@ -26,10 +26,10 @@ def run(args) -> int:
     gen = open_generator(args)
     kw.update(logprobs=args.logprobs, prompt_logprobs=args.echo and args.logprobs)
     if args.chat:
-        dialog = [{"role": "user", "content": args.prompt}]
-        prompt_ids, stream = gen.chat_ids(dialog), gen.stream_chat(dialog, **kw)
+        prompt_ids = gen.chat_ids([{"role": "user", "content": args.prompt}])
     else:
-        prompt_ids, stream = gen.encode_prompt(args.prompt), gen.stream(args.prompt, **kw)
+        prompt_ids = gen.encode_prompt(args.prompt)
+    stream = gen.stream_ids(prompt_ids, **kw)
     if args.echo and not args.json:
         sys.stdout.write(gen.tokenizer.decode(prompt_ids))
     for piece in stream:

@@ -180,7 +180,11 @@ class Generator:
 
     def stream(self, prompt: str, **kwargs) -> TextStream:
         """Like generate for one prompt, but yields text as it is produced."""
-        return self._stream([self.encode_prompt(prompt)], **kwargs)
+        return self.stream_ids(self.encode_prompt(prompt), **kwargs)
+
+    def stream_ids(self, prompt_ids: Sequence[int], **kwargs) -> TextStream:
+        """stream() for a prompt already encoded (BOS or chat format applied)."""
+        return self._stream([list(prompt_ids)], **kwargs)
 
     def chat(self, dialog: Dialog, **kwargs) -> GenerationResult:
         """Answer the dialog's last user message (kwargs as generate)."""
@@ -190,7 +194,7 @@ class Generator:
         return stream.result
 
     def stream_chat(self, dialog: Dialog, **kwargs) -> TextStream:
-        return self._stream([self.chat_ids(dialog)], **kwargs)
+        return self.stream_ids(self.chat_ids(dialog), **kwargs)
 
     def chat_ids(self, dialog: Dialog) -> list[int]:
         if not self.chat_style:

@@ -16,7 +16,8 @@ from llama2_onnx.runtime.cli_common import add_model_arguments, model_folder, op
 
 def add_arguments(p) -> None:
     p.add_argument("input", help="OpenAI Batch .jsonl file, or Azure ML batch .csv file or folder of .csv files")
-    p.add_argument("output", help="output .jsonl file (OpenAI Batch) or folder (Azure ML CSV: predictions.csv in it)")
+    p.add_argument("output", help="output .jsonl file (OpenAI Batch) or folder (Azure ML CSV: predictions.csv in it); "
+                                  "new, or score's own output for INPUT, which it resumes (anything else is refused)")
     add_model_arguments(p)
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument("--parameters", default=None, metavar="JSON",
@@ -47,7 +48,7 @@ def run(args) -> int:
         service = Service.from_generator(open_generator(args), max_batch=args.max_batch, max_queue=4 * args.max_batch,
                                          timeout_s=args.timeout, model_id=folder.name)
     except BaseException:
-        job[1].close()
+        job[1].discard()  # an OUTPUT this run made is removed: nothing was answered
         raise
     try:
         summary = score(service, job, progress=sys.stderr.isatty())

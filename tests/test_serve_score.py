@@ -16,7 +16,8 @@ import pytest
 
 pytest.importorskip("fastapi")
 
-from llama2_onnx.serve.score import RecordFile, _complete_prefix  # noqa: E402
+from llama2_onnx.errors import UserError  # noqa: E402
+from llama2_onnx.serve.score_files import CSV_LAYOUT, RecordFile, _complete_prefix, csv_key  # noqa: E402
 
 N_BATCH = 40
 N_CSV = 2 * 15
@@ -129,18 +130,18 @@ def test_complete_prefix_and_record_file(tmp_path):
     assert _complete_prefix(b'a\nb\n"c', quoted=False) == 4
     assert _complete_prefix(b'1,"x\ny",f\n2,"p\nq', quoted=True) == 10
     assert _complete_prefix(b'1,"x ""q"" \n",f\n', quoted=True) == 16
-    path = tmp_path / "p.csv"
-    path.write_bytes(b"h\n1,a,f\n2,\"torn")
-    rf = RecordFile(path, quoted=True, header="h\n")
+    path, header = tmp_path / "p.csv", CSV_LAYOUT.header
+    keys = {csv_key("f", 1), csv_key("f", 2), csv_key("f", 3)}
+    path.write_bytes(header + b"1,a,f\n2,\"torn")
+    rf = RecordFile(path, CSV_LAYOUT, keys)
+    assert rf.done == {csv_key("f", 1)}
     rf.append("3,b,f\n")
     rf.close()
-    assert path.read_bytes() == b"h\n1,a,f\n3,b,f\n"
-    os.remove(path)
+    assert path.read_bytes() == header + b"1,a,f\n3,b,f\n"
     path.write_bytes(b"something else\n")
-    from llama2_onnx.errors import UserError
-
     with pytest.raises(UserError):
-        RecordFile(path, quoted=True, header="h\n")
+        RecordFile(path, CSV_LAYOUT, keys)
+    assert path.read_bytes() == b"something else\n"
 
 
 def test_bad_arguments_one_line_exit_2(tmp_path, tiny_onnx_ort):

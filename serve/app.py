@@ -5,24 +5,25 @@
     state.service = Service.open(folder)       # /health turns from 503 to 200
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models(/{id}), POST /score
-(Azure ML), POST /tokenize, POST /detokenize, GET /health, GET /metrics (with metrics=True),
-GET / the chat page (with web=True; serve/page.py). The model card adds max_model_len and
+(Azure ML), POST /tokenize, POST /detokenize, GET|HEAD /health, GET /metrics (with metrics=True),
+GET|HEAD / the chat page (with web=True; serve/page.py). The model card adds max_model_len and
 chat_defaults (the sampling a chat request gets for the fields it leaves out) for the page.
 
-The guard, outermost after CORS: body size limit (413), API key (401, compared with
-hmac.compare_digest; /health and the OpenAPI schema stay open), and the requests-by-status
-counter. Every error, FastAPI's own included (404, 405, validation: never 422), is the OpenAI
-error body. A handler races its work against the client's disconnect (vLLM's with_cancellation),
-so a client that goes away cancels its engine rows at once, streaming or not.
+The guard, outermost after CORS (serve/guard.py): Host allowlist (403), 503 once stopping, API key
+(401; /health, the page and the OpenAPI schema stay open), the whole body read under a size limit
+(413) and a deadline (408), and the requests-by-status counter. Tokenizing runs off the event loop
+(Service.off_loop), so a 1 MiB prompt never stalls /health or running streams. Every error,
+FastAPI's own included (404, 405, validation: never 422), is the OpenAI error body. A handler
+races its work against the client's disconnect (vLLM's with_cancellation), so a client that goes
+away cancels its engine rows at once, streaming or not.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
-from typing import AsyncIterator, Awaitable
+from typing import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -31,25 +32,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import azure, openai_api, page
 from .errors import APIError, from_validation
+from .guard import Guard, GuardOptions, error_response
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ScoreRequest, TokenizeRequest
 from .service import RunGroup, Sampling, Service
 
 log = logging.getLogger(__name__)
 
-MAX_BODY = 1 << 20  # bytes: ~250k tokens of text, far past any context we serve
-OPEN_PATHS = ("/", "/health", "/openapi.json", "/docs", "/docs/oauth2-redirect")  # no API key needed
-ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/score", "/tokenize", "/detokenize",
-          "/health", "/metrics", "/")
+MAX_BODY = GuardOptions.max_body
 CLIENT_GONE = 499  # nginx's code for "client closed request": logged, never seen by anyone
 
 
 class ServerState:
-    """What the routes serve: None until the model has loaded."""
+    """What the routes serve: None until the model has loaded. closing: the server is stopping
+    (the guard answers new requests 503); shut_down() ends the requests still running."""
 
     def __init__(self, metrics: Metrics | None = None):
         self.service: Service | None = None
         self.metrics = metrics or Metrics()
+        self.closing = False
 
     def attach(self, service: Service) -> None:
         """The model has loaded: serve it (its counters are the server's)."""
@@ -61,67 +62,11 @@ class ServerState:
             raise APIError(503, "the model is still loading; retry shortly", code="model_loading", retry_after=1)
         return self.service
 
-
-def _error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
-
-
-# ---- the guard: size limit, API key, status counter ------------------------------------------
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class Guard:
-    def __init__(self, app, *, state: ServerState, api_key: str | None, max_body: int):
-        self.app, self.state, self.max_body = app, state, max_body
-        self.key = api_key.encode() if api_key else None
-        self.too_large = APIError(413, f"the request body is larger than {max_body} bytes", code="request_too_large")
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        route = path if path in ROUTES else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
-        started = False
-
-        async def counted_send(message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                self.state.metrics.request(route, message["status"])
-            await send(message)
-
-        headers = dict(scope["headers"])
-        if self.key is not None and path not in OPEN_PATHS and scope["method"] != "OPTIONS":
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, b"Bearer " + self.key):
-                what = "Incorrect API key provided" if given else "Missing API key: send it as 'Authorization: Bearer KEY'"
-                err = APIError(401, what, code="invalid_api_key")
-                return await _error_response(err)(scope, receive, counted_send)
-        try:
-            length = int(headers.get(b"content-length", b"0"))
-        except ValueError:
-            length = 0
-        if length > self.max_body:
-            return await _error_response(self.too_large)(scope, receive, counted_send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    raise _TooLarge()
-            return message
-
-        try:
-            await self.app(scope, limited_receive, counted_send)
-        except _TooLarge:
-            if not started:
-                await _error_response(self.too_large)(scope, receive, counted_send)
+    def shut_down(self) -> None:
+        """End every running request now, as an error (a stream: an error event, then [DONE])."""
+        self.closing = True
+        if self.service is not None:
+            self.service.end_requests()
 
 
 # ---- disconnects -----------------------------------------------------------------------------------
@@ -135,18 +80,19 @@ async def _disconnected(request: Request) -> None:
 
 async def _unless_disconnected(request: Request, work: Awaitable):
     """work's result, or CLIENT_GONE when the client disconnects first (work is then cancelled,
-    which cancels its engine rows)."""
+    which cancels its engine rows, and awaited, so nothing is left running or unlogged)."""
     task = asyncio.ensure_future(work)
     watch = asyncio.ensure_future(_disconnected(request))
     try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watch.cancel()
         if not task.done():
             task.cancel()
-    if task.cancelled():
-        return Response(status_code=CLIENT_GONE)
-    return task.result()
+    if task in done:
+        return task.result()
+    await asyncio.gather(task, return_exceptions=True)  # its cancellation, or an error nobody will read
+    return Response(status_code=CLIENT_GONE)
 
 
 def _sse(request: Request, group: RunGroup, chunks: AsyncIterator[dict]) -> StreamingResponse:
@@ -170,33 +116,39 @@ def _sse(request: Request, group: RunGroup, chunks: AsyncIterator[dict]) -> Stre
 
 
 def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: tuple[str, ...] = (),
-               metrics: bool = False, max_body: int = MAX_BODY, web: bool = False) -> FastAPI:
-    app = FastAPI(title="llama2-onnx", version="0", summary="OpenAI-compatible and Azure ML endpoints for an ONNX Llama model")
+               metrics: bool = False, max_body: int = MAX_BODY, web: bool = False,
+               read_timeout_s: float = GuardOptions.read_timeout_s,
+               allowed_hosts: tuple[str, ...] | None = ()) -> FastAPI:
+    """allowed_hosts: () = loopback names and IP literals only (a loopback server's default),
+    names to add to those, or None for any host."""
+    # no /docs or /redoc: FastAPI's load their scripts from a CDN; the schema is at /openapi.json
+    app = FastAPI(title="llama2-onnx", version="0", summary="OpenAI-compatible and Azure ML endpoints for an ONNX Llama model",
+                  docs_url=None, redoc_url=None)
 
     @app.exception_handler(APIError)
     async def api_error(_request, e: APIError):
-        return _error_response(e)
+        return error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, e: RequestValidationError):
-        return _error_response(from_validation(list(e.errors())))
+        return error_response(from_validation(list(e.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
         message = {404: f"Unknown route {request.method} {request.url.path}",
                    405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
-        return _error_response(APIError(e.status_code, message, code="not_found" if e.status_code == 404 else None))
+        return error_response(APIError(e.status_code, message, code="not_found" if e.status_code == 404 else None))
 
     @app.exception_handler(Exception)
     async def crashed(_request, e: Exception):
         log.exception("unhandled error")
-        return _error_response(APIError(500, f"internal error: {type(e).__name__}", code="internal_error"))
+        return error_response(APIError(500, f"internal error: {type(e).__name__}", code="internal_error"))
 
-    async def answer(request: Request, body, chunks, whole):
+    async def answer(request: Request, body, chunks: Callable, whole: Callable):
         """A streamed (SSE) or whole OpenAI answer, as the request asks."""
         service = state.ready()
         if body.stream:
-            return _sse(request, *chunks(service, body))
+            return _sse(request, *await chunks(service, body))
         return await _unless_disconnected(request, whole(service, body))
 
     @app.post("/v1/chat/completions")
@@ -222,21 +174,26 @@ def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: 
     async def score(body: ScoreRequest, request: Request):
         return await _unless_disconnected(request, azure.score(state.ready(), body))
 
+    # tokenizing a large body takes seconds: off the event loop, answer serialised there too
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest):
-        return state.ready().tokenize(body)
+        service = state.ready()
+        return await service.off_loop(lambda: JSONResponse(service.tokenize(body)))
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
-        return state.ready().detokenize(body)
+        service = state.ready()
+        return await service.off_loop(lambda: JSONResponse(service.detokenize(body)))
 
     @app.get("/health")
+    @app.head("/health", include_in_schema=False)
     async def health():
         state.ready()
         return {"status": "ok"}
 
     if web:
         @app.get("/", include_in_schema=False)
+        @app.head("/", include_in_schema=False)
         async def chat_page():
             body, headers = page.page()
             return Response(body, media_type="text/html; charset=utf-8", headers=headers)
@@ -247,7 +204,8 @@ def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: 
             stats = state.service.stats() if state.service is not None else None
             return PlainTextResponse(state.metrics.render(stats), media_type="text/plain; version=0.0.4")
 
-    app.add_middleware(Guard, state=state, api_key=api_key, max_body=max_body)
+    app.add_middleware(Guard, state=state, options=GuardOptions(api_key=api_key, max_body=max_body,
+                                                                read_timeout_s=read_timeout_s, allowed_hosts=allowed_hosts))
     if cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 

@@ -35,13 +35,15 @@ def _request(service: Service, ids: list[int], p: ScoreParameters, param: str):
 async def score(service: Service, req: ScoreRequest) -> list[dict] | dict:
     data, p = req.input_data, req.input_data.parameters
     if req.is_chat:
-        ids = service.chat_ids(data.input_string, param="input_data.input_string")
-        (fin,) = await service.submit([_request(service, ids, p, "input_data.input_string")]).wait()
+        param = "input_data.input_string"
+        request = await service.off_loop(lambda: _request(service, service.chat_ids(data.input_string, param), p, param))
+        (fin,) = await service.submit([request]).wait()
         check_finish(fin, service.timeout_s)
         return {"output": fin.text}
     prompts = list(data.input_string)
     params = [f"input_data.input_string[{i}]" for i in range(len(prompts))]
-    requests = [_request(service, service.prompt_ids(text, param), p, param) for text, param in zip(prompts, params)]
+    requests = await service.off_loop(
+        lambda: [_request(service, service.prompt_ids(text, param), p, param) for text, param in zip(prompts, params)])
     group = service.submit(requests)
     finished = await group.wait()
     full = p.return_full_text is not False

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import threading
 import webbrowser
 
@@ -98,7 +99,7 @@ def _deployment_message(serve) -> str | None:
         return None
 
 
-def run_ray(args, api_key: str | None) -> int:
+def run_ray(args, api_key: str | None, allowed_hosts: tuple[str, ...] | None = ()) -> int:
     """Deploy and serve until Ctrl-C or SIGTERM (args checked by check() first)."""
     try:
         import ray
@@ -117,7 +118,8 @@ def run_ray(args, api_key: str | None) -> int:
                              timeout_s=args.timeout, provider=args.provider, api_key=api_key,
                              cors_origins=tuple(args.cors_origin), metrics=args.metrics, max_body=args.max_body,
                              web=not args.no_web, check_hashes=args.check_hashes, huge_pages=not args.no_huge_pages,
-                             io_binding=not args.no_io_binding)
+                             io_binding=not args.no_io_binding, read_timeout_s=args.read_timeout,
+                             allowed_hosts=allowed_hosts, grace_s=args.grace)
     port = args.port or _free_port(args.host)
     local = args.ray_address is None
     if local:
@@ -154,4 +156,5 @@ def run_ray(args, api_key: str | None) -> int:
         else:
             serve.delete(APP_NAME)
         ray.shutdown()
+    print("stopped", file=sys.stderr)
     return 0

@@ -56,7 +56,7 @@ class Metrics:
         self.finished[reason] += 1
         self.prompt_tokens += prompt_tokens
         self.generated_tokens += completion_tokens
-        if completion_tokens:
+        if completion_tokens and ttft_s:  # a request the server ended (shutdown) has no measured TTFT
             self.ttft.observe(ttft_s)
 
     def render(self, stats: dict | None) -> str:

@@ -1,8 +1,10 @@
 """The OpenAI routes' work, framework-free: validated request -> response body or chunk stream.
 
     body = await chat_completion(service, req)          # the chat.completion object
-    chunks = chat_chunks(service, req)                  # submits now (errors raise here), then
+    group, chunks = await chat_chunks(service, req)     # submits now (errors raise here), then
     async for chunk in chunks: ...                      # chat.completion.chunk dicts
+
+Requests are tokenized off the event loop (Service.off_loop).
 
 Shapes follow the OpenAI API: chat logprobs are choices[].logprobs.content[] entries
 {token, logprob, bytes, top_logprobs}; completion logprobs are the legacy {tokens,
@@ -91,7 +93,7 @@ def _head(kind: str, service: Service) -> dict:
 
 
 async def chat_completion(service: Service, req: ChatCompletionRequest) -> dict:
-    group = service.submit([service.chat_request(req)])
+    group = service.submit([await service.off_loop(lambda: service.chat_request(req))])
     (fin,) = await group.wait()
     check_finish(fin, service.timeout_s)
     logprobs = {"content": [chat_logprob(service.texts, t) for t in group.tokens[0]]} if req.logprobs else None
@@ -100,9 +102,9 @@ async def chat_completion(service: Service, req: ChatCompletionRequest) -> dict:
     return {**_head("chat.completion", service), "choices": [choice], "usage": _usage([fin])}
 
 
-def chat_chunks(service: Service, req: ChatCompletionRequest) -> tuple[RunGroup, AsyncIterator[dict]]:
+async def chat_chunks(service: Service, req: ChatCompletionRequest) -> tuple[RunGroup, AsyncIterator[dict]]:
     """Submit now (so bad requests and a full queue fail before the stream starts); the chunks after."""
-    group = service.submit([service.chat_request(req)])
+    group = service.submit([await service.off_loop(lambda: service.chat_request(req))])
     return group, _chat_stream(service, req, group)
 
 
@@ -136,16 +138,16 @@ async def _chat_stream(service: Service, req: ChatCompletionRequest, group: RunG
 # ---- completions --------------------------------------------------------------------------------
 
 
-def _completion_setup(service: Service, req: CompletionRequest):
+async def _completion_setup(service: Service, req: CompletionRequest):
     if req.echo and req.stream and req.logprobs is not None:
         raise bad_request("echo with logprobs is not supported when streaming", param="echo")
-    prepared = service.completion_requests(req)
+    prepared = await service.off_loop(lambda: service.completion_requests(req))
     requests = [r for _, r in prepared]
     return [p for p, _ in prepared], service.submit(requests), requests
 
 
 async def completion(service: Service, req: CompletionRequest) -> dict:
-    prompts, group, requests = _completion_setup(service, req)
+    prompts, group, requests = await _completion_setup(service, req)
     finished = await group.wait()
     choices = []
     for i, (prompt, fin, gen_req) in enumerate(zip(prompts, finished, requests)):
@@ -164,8 +166,8 @@ async def completion(service: Service, req: CompletionRequest) -> dict:
     return {**_head("text_completion", service), "choices": choices, "usage": _usage(finished)}
 
 
-def completion_chunks(service: Service, req: CompletionRequest) -> tuple[RunGroup, AsyncIterator[dict]]:
-    prompts, group, _ = _completion_setup(service, req)
+async def completion_chunks(service: Service, req: CompletionRequest) -> tuple[RunGroup, AsyncIterator[dict]]:
+    prompts, group, _ = await _completion_setup(service, req)
     return group, _completion_stream(service, req, prompts, group)
 
 

@@ -58,6 +58,11 @@ class ReplicaOptions:
     metrics: bool = False
     max_body: int = MAX_BODY
     web: bool = True
+    read_timeout_s: float = 30.0  # a request's body must arrive within this (the guard's 408)
+    # the Host allowlist (serve/guard.py): None = any host (a proxy on 0.0.0.0 is reached by names we
+    # cannot know); names: those, localhost names and IP literals; () = localhost names and IP literals
+    allowed_hosts: tuple[str, ...] | None = None
+    grace_s: float = 30.0  # on shutdown, Ray waits this long for a replica's running requests
     check_hashes: bool | None = None
     huge_pages: bool = True
     io_binding: bool = True
@@ -67,6 +72,10 @@ class ReplicaOptions:
             raise ValueError("threads, max_batch and max_body must be >= 1, max_queue >= 0")
         object.__setattr__(self, "model", str(self.model))
         object.__setattr__(self, "cors_origins", tuple(self.cors_origins))
+        if isinstance(self.allowed_hosts, str):
+            raise ValueError("allowed_hosts is a list of host names, not one string")
+        if self.allowed_hosts is not None:
+            object.__setattr__(self, "allowed_hosts", tuple(h.lower() for h in self.allowed_hosts))
 
     @classmethod
     def from_dict(cls, args: dict) -> "ReplicaOptions":
@@ -147,7 +156,7 @@ class LlamaReplica:
     def __serve_build_asgi_app__(self):
         o = self.options
         app = create_app(self.state, api_key=o.api_key, cors_origins=o.cors_origins, metrics=o.metrics,
-                         max_body=o.max_body, web=o.web)
+                         max_body=o.max_body, web=o.web, read_timeout_s=o.read_timeout_s, allowed_hosts=o.allowed_hosts)
         app.add_middleware(ReplicaHeader, replica=self.replica)  # outermost: errors name the replica too
         return app
 
@@ -158,7 +167,13 @@ class LlamaReplica:
 
 def build_app(options: ReplicaOptions, scaling: Scaling) -> Application:
     """The Serve application: LlamaReplica with the scaling's options, bound to the replica options."""
-    return LlamaReplica.options(**scaling.deployment_options(options.threads)).bind(options)
+    return LlamaReplica.options(**scaling.deployment_options(options.threads), **_shutdown_options(options)).bind(options)
+
+
+def _shutdown_options(options: ReplicaOptions) -> dict:
+    """Ray drains a stopping replica (no new requests, running ones go on) for up to
+    graceful_shutdown_timeout_s, then kills it: our grace, as the plain server's --grace."""
+    return {"graceful_shutdown_timeout_s": options.grace_s, "graceful_shutdown_wait_loop_s": 0.5}
 
 
 def app_builder(args: dict) -> Application:
@@ -166,5 +181,5 @@ def app_builder(args: dict) -> Application:
     ReplicaOptions' fields; replicas, autoscaling and max_ongoing_requests go in the file's
     `deployments` section (name: llama2-onnx), as Serve's own options."""
     options = ReplicaOptions.from_dict(dict(args))
-    return LlamaReplica.options(ray_actor_options={"num_cpus": options.threads},
-                                max_ongoing_requests=options.max_batch).bind(options)
+    return LlamaReplica.options(ray_actor_options={"num_cpus": options.threads}, max_ongoing_requests=options.max_batch,
+                                **_shutdown_options(options)).bind(options)

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator, Callable, Sequence, TypeVar
 
 from llama2_onnx.errors import UserError
 from llama2_onnx.runtime.generator import Generator
@@ -30,6 +31,8 @@ from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, Deto
 from .tokens import TokenTexts
 
 RETRY_AFTER_S = 1
+SHUTDOWN = "shutdown"  # the finish reason of a request the server ended because it is stopping
+T = TypeVar("T")
 
 
 @dataclass
@@ -53,6 +56,8 @@ class Service:
         self.metrics = metrics or Metrics()
         self.texts = TokenTexts(self.tokenizer)
         self.created = int(time.time())
+        self.groups: weakref.WeakSet[RunGroup] = weakref.WeakSet()  # the running requests, for end_requests
+        self.stopping = False
 
     @classmethod
     def open(cls, folder: str | Path, *, max_batch: int = 8, max_queue: int = 64, timeout_s: float | None = None,
@@ -74,6 +79,17 @@ class Service:
 
     def stats(self) -> dict:
         return self.engine.stats()
+
+    async def off_loop(self, work: Callable[[], T]) -> T:
+        """work() on a worker thread: tokenizing a 1 MiB body takes seconds, and the event loop
+        must keep answering /health and feeding streams meanwhile (the tokenizers release the GIL)."""
+        return await asyncio.get_running_loop().run_in_executor(None, work)
+
+    def end_requests(self) -> None:
+        """The server is stopping: refuse new requests and end the running ones (finish "shutdown")."""
+        self.stopping = True
+        for group in list(self.groups):
+            group.end(SHUTDOWN)
 
     # ---- requests -> engine requests -----------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -186,13 +202,15 @@ class RunGroup:
     """Engine requests whose events arrive, tagged with their index, on one asyncio queue."""
 
     def __init__(self, service: Service, requests: Sequence[GenRequest]):
-        self.service = service
+        self.service, self.requests = service, requests
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.tokens: list[list[TokenEvent]] = [[] for _ in requests]
         self.finished: list[FinishEvent | None] = [None] * len(requests)
         self._last: list[float] = [0.0] * len(requests)
         self.handles = []
+        if service.stopping:
+            raise APIError(503, "The server is shutting down.", code="shutting_down")
         try:
             for i, req in enumerate(requests):
                 self.handles.append(service.engine.submit(req, self._sink(i)))
@@ -206,6 +224,7 @@ class RunGroup:
         except RequestError as e:  # serve checks these first; the engine's word is final
             self.cancel()
             raise bad_request(str(e)) from None
+        service.groups.add(self)
 
     def _sink(self, index: int):
         def on_event(event) -> None:  # on the scheduler thread
@@ -219,6 +238,15 @@ class RunGroup:
         for i, handle in enumerate(self.handles):
             if self.finished[i] is None:
                 handle.cancel()
+
+    def end(self, reason: str) -> None:
+        """Finish every unfinished request now with reason, and cancel its engine row."""
+        for i, fin in enumerate(self.finished):
+            if fin is None:
+                self.handles[i].cancel()
+                done = len(self.tokens[i])
+                self.queue.put_nowait((i, FinishEvent(reason=reason, text="", prompt_tokens=len(self.requests[i].prompt),
+                                                      completion_tokens=done, prompt_logprobs=None)))
 
     def first_token(self, index: int) -> int | None:
         """Request index's first generated token (lead_space needs it); None before it comes."""
@@ -235,6 +263,8 @@ class RunGroup:
             while not self.done:
                 index, event = await self.queue.get()
                 now = time.perf_counter()
+                if self.finished[index] is not None:
+                    continue  # the engine's own finish after end(), or end()'s after the engine's
                 if isinstance(event, FinishEvent):
                     self.finished[index] = event
                     metrics.finish(event.reason, event.prompt_tokens, event.completion_tokens, event.ttft_s)
@@ -255,6 +285,8 @@ class RunGroup:
 
 def check_finish(event: FinishEvent, timeout_s: float | None) -> None:
     """A finish that is an error for the client: 504 past the time limit, 500 on an engine error."""
+    if event.reason == SHUTDOWN:
+        raise APIError(503, "the server is shutting down; this request was ended before it finished", code="shutting_down")
     if event.reason == "timeout":
         raise APIError(504, f"the request ran past the server's time limit of {timeout_s} s", code="timeout")
     if event.reason == "error":

@@ -15,15 +15,18 @@ import time
 
 
 class LiveServer:
-    def __init__(self, app, start_timeout_s: float = 20.0):
-        import uvicorn
+    """The server `llama2-onnx serve` runs (serve.server.make_server: its connection limits)."""
+
+    def __init__(self, app, start_timeout_s: float = 20.0, *, state=None, limits=None):
+        from llama2_onnx.serve.app import ServerState
+        from llama2_onnx.serve.limits import Limits
+        from llama2_onnx.serve.server import make_server
 
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2)
-        self.server = uvicorn.Server(config)
+        self.server = make_server(app, state or ServerState(), limits or Limits(grace_s=0))  # stop: 5 s for open requests
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.start_timeout_s = start_timeout_s
 
@@ -41,7 +44,7 @@ class LiveServer:
         self.stop()
 
     def stop(self) -> None:
-        self.server.should_exit = True
+        self.server.should_exit = True  # not handle_exit: its shut_down would stop a service other servers share
         self.thread.join(timeout=10)
         self.sock.close()
 
@@ -74,3 +77,32 @@ def rows_busy(service, step_s: float = 0.05, timeout_s: float = 20.0):
         for h in handles:
             h.cancel()
         engine.slots.decode = decode
+
+
+@contextlib.contextmanager
+def open_service(folder, **kwargs):
+    """Service.open(folder, provider="cpu", **kwargs), closed on exit."""
+    from llama2_onnx.serve.service import Service
+
+    service = Service.open(folder, provider="cpu", **kwargs)
+    try:
+        yield service
+    finally:
+        service.close()
+
+
+@contextlib.contextmanager
+def slowed(service, step_s: float):
+    """Every decode step of service's engine takes at least step_s more (restored on exit)."""
+    slots = service.engine.slots
+    decode = slots.decode
+
+    def slow(*args):
+        time.sleep(step_s)
+        return decode(*args)
+
+    slots.decode = slow
+    try:
+        yield
+    finally:
+        slots.decode = decode

@@ -57,7 +57,7 @@ def _write_hf_copy(checkpoint: Path, model_dir: Path, out: Path) -> Path:
 def build(*, checkpoint: str | Path, checkpoint_format: str, model_dir: str | Path, precision: str,
           provider: str, log: Callable[[str], None] = print) -> Path:
     """The builder's model folder for this checkpoint (built now, or found in the cache)."""
-    from llama2_onnx.assets import cache_dir
+    from llama2_onnx.files import cache_dir
 
     if precision not in PRECISIONS:
         raise UserError(f"--builder-precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")

@@ -1,4 +1,4 @@
-"""Engine throughput without HTTP: N closed-loop clients straight on serve.engine.Engine.
+"""Engine throughput without HTTP: N closed-loop clients straight on runtime.engine.Engine.
 
     python -m llama2_onnx.benchmarks.serve_engine_bench [--model DIR] [--clients 1,4,8]
         [--prompt 128] [--tokens 128] [--requests-per-client 2] [--max-batch 8] [--json]
@@ -25,7 +25,7 @@ from llama2_onnx.benchmarks.machine import cpu_model
 from llama2_onnx.benchmarks.prompts import TEXT
 from llama2_onnx.benchmarks.serve_bench import parse_clients
 from llama2_onnx.runtime import Generator, SamplingParams
-from llama2_onnx.serve.engine import Engine, FinishEvent, GenRequest
+from llama2_onnx.runtime.engine import Engine, FinishEvent, GenRequest
 
 
 def windows(tokenizer, length: int, count: int, add_bos: bool, bos_id: int) -> list[tuple[int, ...]]:

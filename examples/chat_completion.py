@@ -18,6 +18,10 @@ from llama2_onnx.runtime.chat_format import Dialog
 
 def main(model_dir: str | None = None, temperature: float = 0.6, top_p: float = 0.9, max_seq_len: int = 512,
          max_batch_size: int = 8, max_gen_len: Optional[int] = None) -> None:
+    if model_dir is None:
+        from llama2_onnx.assets import default_model_dir
+
+        model_dir = default_model_dir()
     generator = Llama.build(model_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
 
     dialogs: List[Dialog] = [

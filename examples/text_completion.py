@@ -16,6 +16,10 @@ from llama2_onnx.runtime import Llama
 
 def main(model_dir: str | None = None, temperature: float = 0.6, top_p: float = 0.9, max_seq_len: int = 128,
          max_gen_len: int = 64, max_batch_size: int = 4) -> None:
+    if model_dir is None:
+        from llama2_onnx.assets import default_model_dir
+
+        model_dir = default_model_dir()
     generator = Llama.build(model_dir, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
 
     prompts: List[str] = [

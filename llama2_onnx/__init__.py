@@ -4,8 +4,9 @@ The parts live in sub-packages: ``llama2_onnx.models`` (config, PyTorch decoder,
 checkpoint loaders), ``llama2_onnx.export`` (ONNX export), ``llama2_onnx.runtime``
 (ONNX Runtime inference, never imports torch) and ``llama2_onnx.benchmarks``.
 
-``from llama2_onnx import pipeline`` is the Hugging Face one-liner (runtime/pipeline.py),
-imported on first use so that ``import llama2_onnx`` stays light.
+``from llama2_onnx import pipeline`` is the Hugging Face one-liner (llama2_onnx/entry.py over
+runtime/pipeline.py; the default model without model=), imported on first use so that
+``import llama2_onnx`` stays light.
 """
 
 __version__ = "0.1.0"
@@ -13,7 +14,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     if name == "pipeline":
-        from llama2_onnx.runtime.pipeline import pipeline
+        from llama2_onnx.entry import pipeline
 
         return pipeline
     raise AttributeError(f"module 'llama2_onnx' has no attribute {name!r}")

@@ -8,7 +8,6 @@ A second call finds the verified file and returns at once, without network.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -19,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .files import CACHE_ENV, cache_dir, sha256_of  # noqa: F401 (here too: the names users know)
 
-CACHE_ENV = "LLAMA2_ONNX_CACHE"
 
 
 class AssetError(UserError, RuntimeError):
@@ -55,21 +54,6 @@ LLAMA_VOCAB = Asset(
 )
 
 ASSETS = {a.name: a for a in (SMOLLM2, LLAMA_VOCAB)}
-
-
-def cache_dir() -> Path:
-    """The cache folder (created if missing)."""
-    root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llama2-onnx")
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _verify(asset: Asset, path: Path) -> None:

@@ -11,16 +11,20 @@
     Classifier.from_dir("out/llama-2-sentiment").classify(["I loved it."])   # [{"label", "score", "scores"}]
 """
 
-from .chat_format import CHAT_FORMATS, format_dialog
-from .classifier import Classifier
-from .folder import FolderConfig, ModelFolderError
-from .generator import GenerationResult, Generator, TextStream, Timings
-from .meta import Llama
-from .sampler import SamplingParams, sample
-from .session import KVCache, Model
-from .tokenizer import StreamDecoder, load_tokenizer
+import importlib
 
-__all__ = [
-    "CHAT_FORMATS", "Classifier", "FolderConfig", "GenerationResult", "Generator", "KVCache", "Llama", "Model", "ModelFolderError",
-    "SamplingParams", "StreamDecoder", "TextStream", "Timings", "format_dialog", "load_tokenizer", "sample",
-]
+# name -> the module that defines it, imported on first use: `from llama2_onnx.runtime import contract`
+# (or any one module) loads that module alone, not the generator, classifier, meta and session
+_EXPORTS = {
+    "CHAT_FORMATS": "chat_format", "format_dialog": "chat_format", "Classifier": "classifier",
+    "FolderConfig": "folder", "ModelFolderError": "manifest", "GenerationResult": "generator", "Generator": "generator",
+    "TextStream": "generator", "Timings": "generator", "Llama": "meta", "SamplingParams": "sampler", "sample": "sampler",
+    "KVCache": "session", "Model": "session", "StreamDecoder": "tokenizer", "load_tokenizer": "tokenizer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

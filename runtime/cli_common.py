@@ -55,7 +55,7 @@ def open_generator(args):
         raise UserError(f"--threads must be at least 1, got {args.threads}")
     return Generator.from_dir(model_folder(args), provider=args.provider, threads=args.threads,
                               io_binding=not args.no_io_binding, check_hashes=args.check_hashes,
-                              huge_pages=not args.no_huge_pages)
+                              huge_pages=not args.no_huge_pages, max_batch=getattr(args, "max_batch", None))
 
 
 def default_model() -> Path:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .folder import Listed, ModelFolderError, plain_file_name
+from .manifest import Listed, ModelFolderError, plain_file_name
 
 # message kind -> {field number: kind of the message in that field}; "tensor" is read, not walked
 CHILDREN: dict[str, dict[int, str]] = {

@@ -1,50 +1,42 @@
-"""Generator: tokenizer + chat format + sampler + stop rules over a Model, batched and streaming.
+"""Generator: tokenizer + chat format over the engine (runtime/engine.py): generate, stream, chat.
 
-Threads: one Generator may be shared. Each call keeps its own state (cache, rows, random
-generator); the model runs one step at a time under the Generator's lock, so calls from several
-threads interleave step by step and each gets what it would get alone. A stream can be cancelled
-from any thread (`stream.cancel()`): its loop stops before the next step, finish reason "cancelled".
+    gen = Generator.from_dir(folder)                   # its engine: max_batch rows of KV cache
+    gen.generate("The capital of France is", max_new_tokens=16).text
+    for piece in gen.stream_chat([{"role": "user", "content": "Hi!"}]): print(piece, end="")
+
+Every call submits its prompts as sequences to the Generator's one engine, the same engine the
+server drives: calls from several threads are decoded together in one batch (each still gets
+exactly what it would get alone: the engine's rows are bit-exact), a batch of prompts is
+max_batch rows at a time, and stop tokens, stop strings, limits and finish reasons ("stop",
+"length", "cancelled") follow runtime/sequence.py's rules. A stream is pulled: the engine decodes
+its next token only once the caller asks for it, so a paused reader costs nothing, and
+`stream.cancel()` from any thread ends it before its next step.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from llama2_onnx.errors import UserError
 
 from .chat_format import CHAT_FORMATS, Dialog, format_dialog
-from .logprobs import prompt_logprobs as score_prompt, token_logprobs
-from .sampler import SamplingParams, make_rng, sample
+from .engine import ERROR, Engine, FinishEvent, GenRequest, Handle, TokenEvent
+from .sampler import MAX_SEED, SamplingParams, make_rng
+from .sequence import LENGTH, stop_strings
 from .session import LOAD_STAGES, Model
-from .tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer, load_tokenizer
 
-FINISH_EOS, FINISH_LENGTH, FINISH_STOP, FINISH_CANCELLED = "eos", "length", "stop", "cancelled"
-
-
-def stop_strings(stop: str | Sequence[str] | None) -> list[str]:
-    """The stop strings as a list: one string is one stop string (not its characters); each non-empty."""
-    stops = [stop] if isinstance(stop, str) else list(stop or ())
-    for s in stops:
-        if not isinstance(s, str) or not s:
-            raise UserError(f"stop strings must be non-empty strings, got {s!r}")
-    return stops
-
-
-def split_at_stop(pending: str, stop: Sequence[str]) -> tuple[str, str, bool]:
-    """Decoded text not yet released -> (text to release now, text held back, whether a stop string
-    was hit): cut before the first stop string, else hold back a tail that may yet become one."""
-    hits = [h for h in (pending.find(s) for s in stop) if h >= 0]
-    if hits:
-        return pending[:min(hits)], "", True
-    keep = max((k for s in stop for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
-    cut = len(pending) - keep
-    return pending[:cut], pending[cut:], False
+# rows of KV cache a Generator's engine keeps (calls and prompts decoded together): on the CPU rows
+# cost memory only as tokens fill them; on a GPU each is allocated whole, for the whole context
+MAX_BATCH = {"cpu": 4}
+OTHER_MAX_BATCH = 1
 
 
 @dataclass
@@ -86,30 +78,20 @@ class GenerationResult:
         return d
 
 
-@dataclass
-class _Row:
-    prompt: list[int]
-    decoder: StreamDecoder
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""  # emitted so far
-    pending: str = ""  # decoded but held back: it may be the start of a stop string
-    finish: str | None = None
-    logprobs: list[float] = field(default_factory=list)  # per token in `tokens` (when asked for)
-    prompt_logprobs: list[float] | None = None
-
-
 class TextStream:
     """Iterate for text pieces as they are produced; `result` holds the GenerationResult after.
 
-    cancel() may be called from any thread: the loop stops before its next model step and the
-    result's finish_reason is "cancelled" (the text so far is kept)."""
+    cancel() may be called from any thread: the engine decodes no further token for it and the
+    result's finish_reason is "cancelled" (the text so far is kept, and still comes out of the
+    iteration)."""
 
-    def __init__(self, pieces: Iterator[str], results: list, cancelled: threading.Event | None = None):
-        self._pieces, self._results = pieces, results
-        self._cancelled = cancelled or threading.Event()
+    def __init__(self, pieces: Iterator[str], results: list, cancel: Callable[[], None]):
+        self._pieces, self._results, self._cancel = pieces, results, cancel
+        self._cancelled = threading.Event()
 
     def cancel(self) -> None:
         self._cancelled.set()
+        self._cancel()
 
     @property
     def cancelled(self) -> bool:
@@ -125,21 +107,54 @@ class TextStream:
         return self._results[0]
 
 
+class _Run:
+    """One call's sequences in the engine: their events on one queue, read by the calling thread."""
+
+    def __init__(self, engine: Engine, requests: list[GenRequest], pulled: bool):
+        self.events: queue.Queue = queue.Queue()
+        self.start = time.perf_counter()
+        self.handles: list[Handle] = []
+        try:
+            for i, req in enumerate(requests):
+                self.handles.append(engine.submit(req, lambda e, i=i: self.events.put((i, e)), credit=0 if pulled else None))
+        except Exception:
+            self.cancel()
+            raise
+
+    def cancel(self) -> None:
+        for h in self.handles:
+            h.cancel()
+
+    def __iter__(self) -> Iterator[tuple[int, TokenEvent | FinishEvent, float]]:
+        """(row, event, seconds since the call began) until every row has finished."""
+        left = len(self.handles)
+        try:
+            while left:
+                i, event = self.events.get()
+                left -= isinstance(event, FinishEvent)
+                yield i, event, time.perf_counter() - self.start
+        finally:
+            self.cancel()  # left early: nothing keeps running
+
+
 class Generator:
-    def __init__(self, model: Model, tokenizer: Tokenizer):
+    def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
         self.args = cfg.model
         self.chat_style = cfg.chat_format
         self.pad_id = self.args.fill_id
-        self._lock = threading.Lock()  # one model step at a time (see the module docstring)
+        # one engine for every call; its thread starts with the first
+        rows = max_batch or MAX_BATCH.get(model.provider.name, OTHER_MAX_BATCH)
+        self.engine = Engine(model, tokenizer, self.stop_ids(), max_batch=rows, max_queue=1 << 30)
 
     @classmethod
-    def from_dir(cls, path: str | Path, progress=None, **model_kwargs) -> "Generator":
+    def from_dir(cls, path: str | Path, progress=None, max_batch: int | None = None, **model_kwargs) -> "Generator":
         """Open a model folder: Model.from_dir(path, progress=progress, **model_kwargs) plus its tokenizer.
 
         progress(stage, done, total), if given, is called as each of session.LOAD_STAGES begins
-        (done = stages finished) and once more as ("ready", total, total)."""
+        (done = stages finished) and once more as ("ready", total, total). max_batch: the engine's rows
+        (default 4 on the CPU, 1 on a GPU)."""
         model = Model.from_dir(path, progress=progress, **model_kwargs)
         if not model.config.tokenizer:
             raise UserError(f"{path} has no tokenizer; export it again with --tokenizer PATH")
@@ -148,7 +163,7 @@ class Generator:
         tok = load_tokenizer(model.folder, bos_id=model.config.model.bos_id, eos_id=model.config.model.eos_id)
         if progress:
             progress("ready", len(LOAD_STAGES), len(LOAD_STAGES))
-        return cls(model, tok)
+        return cls(model, tok, max_batch=max_batch)
 
     def stop_ids(self) -> set[int]:
         """The tokens that end a generation: EOS (and the checkpoint's other end ids) + the chat format's."""
@@ -156,6 +171,10 @@ class Generator:
         if self.chat_style in CHAT_FORMATS:
             ids |= set(CHAT_FORMATS[self.chat_style].stop_ids(self.tokenizer))
         return ids
+
+    def close(self) -> None:
+        """Stop the engine's thread (calls still running end "cancelled")."""
+        self.engine.close()
 
     # ---- public API --------------------------------------------------------------
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -167,7 +186,7 @@ class Generator:
                  top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop: str | Sequence[str] = (), logprobs: bool = False,
                  prompt_logprobs: bool = False) -> GenerationResult | list[GenerationResult]:
-        """Continue one prompt (returns a result) or a batch (returns a list, left-padded together).
+        """Continue one prompt (returns a result) or a batch (returns a list; row i samples with seed + i).
 
         logprobs: each result carries its tokens' logprobs (log-softmax of the raw logits, before
         temperature, top-k, top-p and the penalty); prompt_logprobs: its prompt's as well (each
@@ -182,9 +201,16 @@ class Generator:
         """Like generate for one prompt, but yields text as it is produced."""
         return self.stream_ids(self.encode_prompt(prompt), **kwargs)
 
-    def stream_ids(self, prompt_ids: Sequence[int], **kwargs) -> TextStream:
+    def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
+                   top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
+                   stop: str | Sequence[str] = (), logprobs: bool = False, prompt_logprobs: bool = False) -> TextStream:
         """stream() for a prompt already encoded (BOS or chat format applied)."""
-        return self._stream([list(prompt_ids)], **kwargs)
+        params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
+        requests = self._requests([list(prompt_ids)], max_new_tokens, params, seed, stop, logprobs, prompt_logprobs)
+        results: list[GenerationResult] = []
+        self.engine.start()
+        run = _Run(self.engine, requests, pulled=True)  # one row, max_new_tokens >= 1: never None
+        return TextStream(self._pieces(run, requests, results), results, run.cancel)
 
     def chat(self, dialog: Dialog, **kwargs) -> GenerationResult:
         """Answer the dialog's last user message (kwargs as generate)."""
@@ -201,29 +227,43 @@ class Generator:
             raise UserError("this model folder names no chat format; export it again with --chat-format llama2 or chatml")
         return format_dialog(dialog, self.tokenizer, self.chat_style)
 
-    # ---- the loop --------------------------------------------------------------------
-    def _stream(self, ids: list[list[int]], max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None, stop: str | Sequence[str] = (),
-                logprobs: bool = False, prompt_logprobs: bool = False) -> TextStream:
-        params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
-        results: list[GenerationResult] = []
-        cancelled = threading.Event()
-        pieces = (text for _, text in self._steps(ids, max_new_tokens, params, seed, stop_strings(stop), results,
-                                                  cancelled, logprobs, prompt_logprobs))
-        return TextStream(pieces, results, cancelled)
-
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int | Sequence[int], params: SamplingParams,
                      seed: int | None = None, stop: str | Sequence[str] = (), logprobs: bool = False,
                      prompt_logprobs: bool = False) -> list[GenerationResult]:
-        """Generate from token-id prompts (a left-padded batch); one result per prompt.
+        """Generate from token-id prompts; one result per prompt (row i samples with seed + i).
 
         max_new_tokens: one limit for all rows, or one per row (0 allowed: that row's prompt is
         only scored); each row is also capped by the context its own prompt leaves."""
-        results: list[GenerationResult] = []
-        for _ in self._steps(prompts, max_new_tokens, params, seed, stop_strings(stop), results,
-                             None, logprobs, prompt_logprobs):
-            pass
+        requests = self._requests(prompts, max_new_tokens, params, seed, stop, logprobs, prompt_logprobs)
+        results: list[GenerationResult | None] = [None] * len(prompts)
+        submit = [r for r in requests if r is not None]
+        if submit:
+            self.engine.start()
+            for row, result in self._collect(_Run(self.engine, submit, pulled=False), logprobs).items():
+                results[[i for i, r in enumerate(requests) if r is not None][row]] = result
+        for i, req in enumerate(requests):
+            if req is None:  # nothing to generate and nothing to score
+                results[i] = GenerationResult("", [], LENGTH, len(prompts[i]), Timings(), [] if logprobs else None)
         return results
+
+    # ---- requests and their events ---------------------------------------------------------
+    def _requests(self, prompts, max_new_tokens, params: SamplingParams, seed, stop, logprobs: bool,
+                  prompt_logprobs: bool) -> list[GenRequest | None]:
+        """One engine request per prompt (None: a row with nothing to do), every limit checked here."""
+        if not prompts or any(not p for p in prompts):
+            raise UserError("the prompt is empty; give some text to continue")
+        stops = tuple(stop_strings(stop))
+        make_rng(seed)  # a bad seed is one line before anything runs
+        budgets = self._budgets(prompts, max_new_tokens, prompt_logprobs)
+        out = []
+        for i, (p, b) in enumerate(zip(prompts, budgets)):
+            row_seed = None if seed is None else (seed + i) % (MAX_SEED + 1)
+            if b == 0 and not prompt_logprobs:
+                out.append(None)
+                continue
+            out.append(GenRequest(tuple(int(t) for t in p), b, params, seed=row_seed, stop=stops,
+                                  logprobs=0 if logprobs else None, prompt_logprobs=prompt_logprobs))
+        return out
 
     def _budgets(self, prompts: list[list[int]], max_new_tokens: int | Sequence[int], scoring: bool) -> list[int]:
         """Each row's token limit: its max_new_tokens, capped by the context its prompt leaves."""
@@ -241,83 +281,45 @@ class Generator:
                 raise UserError(f"the prompt is {len(p)} tokens, the model's context is {ctx}; shorten the prompt")
         return [min(m, ctx - len(p)) for p, m in zip(prompts, limits)]
 
-    def _steps(self, prompts, max_new_tokens, params, seed, stop, results: list,
-               cancelled: threading.Event | None = None, logprobs: bool = False,
-               prompt_logprobs: bool = False) -> Iterator[tuple[int, str]]:
-        """Yield (row, text) as each row's text is produced; append the results at the end.
-        A set `cancelled` stops the loop before its next model step."""
-        if not prompts or any(not p for p in prompts):
-            raise UserError("the prompt is empty; give some text to continue")
-        budgets = self._budgets(prompts, max_new_tokens, prompt_logprobs)  # per row
-        longest = max(len(p) for p in prompts)
-        rng = make_rng(seed)
-        stop_ids = self.stop_ids()
-        rows = [_Row(prompt=list(p), decoder=StreamDecoder(self.tokenizer)) for p in prompts]
+    def _collect(self, run: _Run, logprobs: bool) -> dict[int, GenerationResult]:
+        timings: dict[int, Timings] = {}
+        last: dict[int, float] = {}
+        out = {}
+        for i, event, at in run:
+            if isinstance(event, TokenEvent):
+                _time(timings.setdefault(i, Timings()), last, i, at)
+                continue
+            out[i] = _result(event, timings.get(i, Timings()), logprobs)
+        return out
 
-        # left padding: every row ends at the same column
-        ids = np.full((len(rows), longest), self.pad_id, np.int64)
-        mask = np.zeros((len(rows), longest), np.int64)
-        for i, p in enumerate(prompts):
-            ids[i, longest - len(p):], mask[i, longest - len(p):] = p, 1
+    def _pieces(self, run: _Run, requests: list, results: list) -> Iterator[str]:
+        """The stream's text pieces; each later token is decoded only once the caller asks for it."""
+        timings, last = Timings(), {}
+        for _, event, at in run:
+            if isinstance(event, TokenEvent):
+                _time(timings, last, 0, at)
+                if event.text:
+                    yield event.text
+                run.handles[0].grant()  # the caller wants the next piece: one more token
+                continue
+            if event.tail:
+                yield event.tail
+            results.append(_result(event, timings, requests[0].logprobs is not None))
 
-        timings = Timings()
-        start = time.perf_counter()
-        budget = max(budgets)  # steps at most; row i stops after budgets[i] tokens
-        cache = self.model.new_cache(mask, capacity=max(len(p) + b for p, b in zip(prompts, budgets)))
-        with self._lock:
-            logits = self.model.step(ids, mask, cache, all_logits=prompt_logprobs)  # (B, V), or (B, S, V)
-        if prompt_logprobs:
-            for i, row in enumerate(rows):
-                row.prompt_logprobs = score_prompt(logits[i, longest - len(row.prompt):], row.prompt)
-            logits = logits[:, -1]  # (B, V): every row ends at the last column
-        for row, b in zip(rows, budgets):
-            if b == 0:  # a prompt that fills the context (or only scored): nothing to generate
-                row.finish = FINISH_LENGTH
-        for n in range(budget):
-            history = [r.prompt + r.tokens for r in rows] if params.repetition_penalty != 1.0 else None
-            chosen = sample(logits, params, rng, prev_tokens=history)  # (B,)
-            chosen_logprobs = token_logprobs(logits, chosen).tolist() if logprobs else [None] * len(rows)
-            now = time.perf_counter()
-            if n == 0:
-                timings.prompt_ms = (now - start) * 1000
-            else:
-                timings.token_ms.append((now - start) * 1000)
-            start = now
-            for i, (row, tok) in enumerate(zip(rows, chosen.tolist())):
-                if row.finish is None and (text := self._advance(row, tok, stop_ids, stop, chosen_logprobs[i])):
-                    yield i, text
-                if row.finish is None and n + 1 == budgets[i] and (text := self._finish(row, FINISH_LENGTH)):
-                    yield i, text  # this row's own limit: every row ends by the last step
-            if all(r.finish for r in rows) or (cancelled is not None and cancelled.is_set()):
-                break
-            feed = np.array([[t.tokens[-1] if t.finish is None else self.pad_id] for t in rows], np.int64)
-            with self._lock:
-                logits = self.model.step(feed, np.ones_like(feed), cache)
-        for i, row in enumerate(rows):
-            if row.finish is None and (text := self._finish(row, FINISH_CANCELLED)):  # left early: cancelled
-                yield i, text
-            results.append(GenerationResult(row.text, row.tokens, row.finish, len(row.prompt), timings,
-                                            row.logprobs if logprobs else None, row.prompt_logprobs))
 
-    def _advance(self, row: _Row, tok: int, stop_ids: set[int], stop: list[str], logprob: float | None = None) -> str:
-        """Take one sampled token (and its logprob, if kept) into the row; return the text it releases."""
-        if tok in stop_ids:
-            return self._finish(row, FINISH_EOS)
-        row.tokens.append(tok)
-        if logprob is not None:
-            row.logprobs.append(logprob)
-        text, keep, hit = split_at_stop(row.pending + row.decoder.push(tok), stop)
-        if hit:
-            row.finish = FINISH_STOP
-        return self._emit(row, text, keep=keep)
+def _time(timings: Timings, last: dict, i: int, at: float) -> None:
+    if i not in last:
+        timings.prompt_ms = at * 1000
+    else:
+        timings.token_ms.append((at - last[i]) * 1000)
+    last[i] = at
 
-    def _finish(self, row: _Row, reason: str) -> str:
-        """End the row for reason; return the text it still held back (and an unfinished character)."""
-        row.finish = reason
-        return self._emit(row, row.pending + row.decoder.flush())
 
-    @staticmethod
-    def _emit(row: _Row, text: str, keep: str = "") -> str:
-        row.text += text
-        row.pending = keep
-        return text
+def _result(fin: FinishEvent, timings: Timings, logprobs: bool) -> GenerationResult:
+    if fin.reason == ERROR:
+        raise UserError(f"generation failed: {fin.error}")
+    prompt_lp = None
+    if fin.prompt_logprobs is not None:  # the first token has nothing before it: 0.0, as Meta's echo
+        prompt_lp = [0.0 if x is None else x for x in fin.prompt_logprobs]
+    return GenerationResult(fin.text, list(fin.tokens), fin.reason, fin.prompt_tokens, timings,
+                            list(fin.logprobs) if logprobs else None, prompt_lp)

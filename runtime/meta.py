@@ -54,17 +54,14 @@ class ChatPrediction(TypedDict, total=False):
 
 class Llama:
     @staticmethod
-    def build(model_dir: str | Path | None = None, max_seq_len: int | None = None, max_batch_size: int = 8,
+    def build(model_dir: str | Path, max_seq_len: int | None = None, max_batch_size: int = 8,
               seed: int = 1, **model_kwargs) -> "Llama":
-        """Open a model folder (default: the default model) the way Meta's Llama.build opens a checkpoint.
+        """Open a model folder the way Meta's Llama.build opens a checkpoint (the default model's folder:
+        llama2_onnx.assets.default_model_dir()).
 
         max_seq_len: the context for prompt and answer together (default, and at most: the folder's);
         max_batch_size: the most prompts or dialogs one call takes; model_kwargs go to Model.from_dir
         (provider, threads, io_binding, ...)."""
-        if model_dir is None:
-            from llama2_onnx.assets import default_model_dir
-
-            model_dir = default_model_dir()
         generator = Generator.from_dir(model_dir, **model_kwargs)
         ctx = generator.args.max_seq_len
         max_seq_len = ctx if max_seq_len is None else max_seq_len

@@ -43,10 +43,8 @@ class TextGenerationPipeline:
 
     @classmethod
     def from_dir(cls, model: str | Path | None = None, device: int | str | None = None, **model_kwargs) -> "TextGenerationPipeline":
-        if model is None:
-            from llama2_onnx.assets import default_model_dir
-
-            model = default_model_dir()
+        if model is None:  # `from llama2_onnx import pipeline` opens the default model; runtime never exports
+            raise UserError('pipeline("text-generation") needs model=FOLDER here; llama2_onnx.pipeline opens the default model')
         return cls(Generator.from_dir(model, **_device_kwargs(device), **model_kwargs))
 
     def __call__(self, text_inputs, *, max_new_tokens: int | None = None, max_length: int | None = None,

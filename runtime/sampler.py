@@ -88,7 +88,9 @@ def apply_repetition_penalty(logits: np.ndarray, prev_tokens: TokenHistory | Non
     if len(prev_tokens) != batch:
         raise SamplingError(f"prev_tokens has {len(prev_tokens)} rows but logits have {batch}")
     for row, seen in enumerate(prev_tokens):
-        ids = np.unique(np.asarray(seen, dtype=np.int64))  # (n,) each id once
+        # a set (a sequence's running record of seen ids) or any sequence of ids
+        seen = np.fromiter(seen, np.int64, len(seen)) if isinstance(seen, (set, frozenset)) else np.asarray(seen, np.int64)
+        ids = np.unique(seen)  # (n,) each id once
         if ids.size == 0:
             continue
         if ids[0] < 0 or ids[-1] >= vocab:

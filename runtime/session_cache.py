@@ -37,7 +37,7 @@ from pathlib import Path
 import onnxruntime as ort
 
 from . import contract
-from .folder import folder_key
+from .manifest import folder_key
 
 MODEL, DATA, KEY = "model.opt.onnx", "model.opt.onnx.data", "key.json"
 
@@ -61,7 +61,7 @@ def cache_key(folder: Path, provider: str) -> dict:
 
 
 def sessions_dir() -> Path:
-    from llama2_onnx.assets import cache_dir
+    from llama2_onnx.files import cache_dir
 
     return cache_dir() / "sessions"
 

@@ -36,7 +36,7 @@ batch-1 KVCache per slot, stepped by Model.step (I/O binding and all), and a dec
 busy slots one after another. Correct and simple; no batched compute (the fused graph is the one
 to serve with).
 
-Numerics: every row of a step computes exactly what it would compute alone (tests/test_serve_engine.py
+Numerics: every row of a step computes exactly what it would compute alone (tests/test_engine.py
 checks prefill chunking and decode batching against Model.step bit for bit on the CPU).
 """
 

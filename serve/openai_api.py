@@ -22,7 +22,7 @@ import time
 import uuid
 from typing import AsyncIterator
 
-from .engine import FinishEvent, TokenEvent
+from llama2_onnx.runtime.engine import FinishEvent, TokenEvent
 from .errors import APIError, bad_request
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .service import RunGroup, Service, check_finish

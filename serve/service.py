@@ -24,7 +24,7 @@ from llama2_onnx.errors import UserError
 from llama2_onnx.runtime.generator import Generator
 from llama2_onnx.runtime.sampler import SamplingParams
 
-from .engine import Engine, EngineClosed, FinishEvent, GenRequest, QueueFull, RequestError, TokenEvent
+from llama2_onnx.runtime.engine import Engine, EngineClosed, FinishEvent, GenRequest, QueueFull, RequestError, TokenEvent
 from .errors import APIError, bad_request
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -63,14 +63,17 @@ class Service:
     def open(cls, folder: str | Path, *, max_batch: int = 8, max_queue: int = 64, timeout_s: float | None = None,
              metrics: Metrics | None = None, model_id: str | None = None, **model_kwargs) -> "Service":
         """Open a model folder (model_kwargs as Generator.from_dir) and start its engine."""
-        gen = Generator.from_dir(folder, **model_kwargs)
+        gen = Generator.from_dir(folder, max_batch=max_batch, **model_kwargs)
         return cls.from_generator(gen, max_batch=max_batch, max_queue=max_queue, timeout_s=timeout_s,
                                   metrics=metrics, model_id=model_id or Path(folder).name)
 
     @classmethod
     def from_generator(cls, gen: Generator, *, max_batch: int = 8, max_queue: int = 64, model_id: str,
                        timeout_s: float | None = None, metrics: Metrics | None = None) -> "Service":
-        engine = Engine.from_generator(gen, max_batch=max_batch, max_queue=max_queue)
+        engine = gen.engine  # one engine: the generator's, when its rows are the ones asked for
+        if engine.max_batch != max_batch:
+            engine = Engine.from_generator(gen, max_batch=max_batch, max_queue=max_queue)
+        engine.max_queue = max_queue
         engine.start()
         return cls(gen, engine, model_id=model_id, timeout_s=timeout_s, metrics=metrics)
 

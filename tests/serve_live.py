@@ -54,7 +54,7 @@ def rows_busy(service, step_s: float = 0.05, timeout_s: float = 20.0):
     """Every row of service's engine taken by a slowed request that would run to the context, so the
     next request must queue; the rows are freed (cancelled) and the speed restored on exit."""
     from llama2_onnx.runtime.sampler import SamplingParams
-    from llama2_onnx.serve.engine import GenRequest
+    from llama2_onnx.runtime.engine import GenRequest
 
     engine = service.engine
     decode = engine.slots.decode

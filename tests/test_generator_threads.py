@@ -20,24 +20,28 @@ def gen(request, tiny_onnx, tiny_onnx_ort):
 
 
 class CountedSteps:
-    """Wraps gen.model.step to count the model steps (optionally slowed down)."""
+    """Wraps the model runs of gen's engine (its slots' prompt and decode runs) to count them
+    (optionally slowed down)."""
 
     def __init__(self, gen: Generator, delay_s: float = 0.0):
-        self.gen, self.delay_s, self.n = gen, delay_s, 0
-        self.real = gen.model.step
+        self.slots, self.delay_s, self.n = gen.engine.slots, delay_s, 0
 
-    def __call__(self, *args, **kwargs):
-        self.n += 1
-        if self.delay_s:
-            time.sleep(self.delay_s)
-        return self.real(*args, **kwargs)
+    def _counted(self, real):
+        def run(*args, **kwargs):
+            self.n += 1
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            return real(*args, **kwargs)
+        return run
 
     def __enter__(self) -> "CountedSteps":
-        self.gen.model.step = self
+        for name in ("prefill", "prefill_rows", "decode"):
+            setattr(self.slots, name, self._counted(getattr(self.slots, name)))
         return self
 
     def __exit__(self, *exc) -> None:
-        del self.gen.model.step  # the class's method again
+        for name in ("prefill", "prefill_rows", "decode"):
+            delattr(self.slots, name)  # the class's methods again
 
 
 def test_cancel_from_another_thread_stops_before_the_next_step(gen):
@@ -100,6 +104,30 @@ def test_four_threads_share_one_generator(gen):
         for t in threads:
             t.join(60)
         assert got == serial
+
+
+def test_four_threads_are_decoded_in_one_batch(gen):
+    """The calls of four threads share the engine's decode steps: far fewer steps than tokens, each
+    answer still its serial run's."""
+    prompts = ["The quick brown fox", "Once upon a time", "A list of fruits:", "Hi there"]
+    serial = [gen.generate(p, max_new_tokens=40, temperature=0.8, seed=i).tokens for i, p in enumerate(prompts)]
+    got: list = [None] * 4
+    start = threading.Barrier(4)
+
+    def run(i: int) -> None:
+        start.wait()
+        got[i] = gen.generate(prompts[i], max_new_tokens=40, temperature=0.8, seed=i).tokens
+
+    with CountedSteps(gen, delay_s=0.002) as steps:  # slowed a little: the four arrive within a step or two
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert got == serial
+    tokens = sum(len(t) for t in got)
+    # alone: one run per token (prompt runs included); together: about one per token of the longest
+    assert steps.n < 0.5 * tokens, (steps.n, tokens)
 
 
 def test_progress_while_loading(tiny_onnx_ort):

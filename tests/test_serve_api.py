@@ -1,5 +1,5 @@
 """The HTTP server on the tiny fused model: a real uvicorn on a free 127.0.0.1 port, driven by the
-official openai client and httpx. (The engine's own batching tests are in test_serve_engine.py.)"""
+official openai client and httpx. (The engine's own batching tests are in test_engine.py.)"""
 
 from __future__ import annotations
 

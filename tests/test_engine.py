@@ -1,4 +1,4 @@
-"""The continuous-batching engine (serve/engine.py) and its slots (runtime/slots.py), against
+"""The continuous-batching engine (runtime/engine.py) and its slots (runtime/slots.py), against
 serial runs of the runtime: Model.step for the numbers, Generator.generate for the text."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 from llama2_onnx.runtime import Generator, Model, SamplingParams
 from llama2_onnx.runtime.slots import FusedSlots, PortableSlots, make_slots
 from llama2_onnx.runtime.logprobs import log_softmax
-from llama2_onnx.serve.engine import Engine, FinishEvent, GenRequest, QueueFull, RequestError, TokenEvent
+from llama2_onnx.runtime.engine import Engine, FinishEvent, GenRequest, QueueFull, RequestError, TokenEvent
 
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away, there lived", "Hi",
            "A B C D E F G H I J K L M N O P Q R S T U V W X Y Z", "Why is the sky blue?",

@@ -1,0 +1,382 @@
+"""The engine: one scheduler thread that owns the model and serves many sequences at once, for the
+library (Generator) and the server (serve.Service) alike.
+
+    engine = Engine.from_generator(Generator.from_dir(folder), max_batch=8)
+    engine.start()
+    handle = engine.submit(GenRequest(prompt=ids, max_tokens=64, params=SamplingParams()), on_event)
+    # on_event(TokenEvent) for each token, then on_event(FinishEvent) exactly once
+    handle.cancel()                                  # any thread; the row is freed within one step
+
+Continuous batching. The model's KV cache has `max_batch` rows (runtime/slots.py: for the fused
+graph, rows of one shared buffer per layer). The loop is nano-vllm's, schedule -> run ->
+postprocess, each round:
+
+  1. retire: sequences cancelled or past their time limit leave (their FinishEvent goes out,
+     their row is freed);
+  2. schedule (runtime/scheduler.py, which states the policy and its bounds): waiting sequences
+     take free rows; one prompt run is chosen (shortest remaining prompt first, never starving a
+     long one; first chunks of neighbouring rows read together);
+  3. prefill: that run; a sequence whose prompt is done samples its first token from it;
+  4. decode: every sequence past its prompt runs one token, all rows in one batched step;
+  5. postprocess: each row samples with its own parameters, seeded random generator and
+     repetition history, then applies its stop tokens, stop strings and length limit
+     (runtime/sequence.py).
+
+(The portable graph has no shared buffer: each row keeps its own cache and a decode step runs
+the rows one after another: the same scheduling and results, none of the batched speed.)
+
+Every row computes exactly what it would alone (the slots' numerics are tested bit for bit), so a
+sequence's tokens do not depend on what else runs: greedy output equals a lone run's, and a seed
+gives the same text every time. Logprobs are the log-softmax of the raw logits (float64), before
+temperature, top-p and penalty. Text follows runtime/sequence.py: the TokenEvent texts plus
+FinishEvent.tail always add up to FinishEvent.text.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .logprobs import log_softmax, top_logprobs
+from .sampler import SamplingError, make_rng, sample
+from .scheduler import Scheduler
+from .sequence import CANCELLED, ERROR, LENGTH, REASONS, STOP, TIMEOUT, GenRequest, Sequence
+from .session import PROMPT_CHUNK, Model
+from .slots import make_slots
+from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.05  # with every sequence paused, how often the loop still checks time limits
+
+__all__ = ["Engine", "GenRequest", "TokenEvent", "FinishEvent", "QueueFull", "RequestError", "EngineClosed", "Handle",
+           "STOP", "LENGTH", "CANCELLED", "TIMEOUT", "ERROR"]
+
+
+# ---- the interface -------------------------------------------------------------------------
+
+
+@dataclass
+class TokenEvent:
+    token: int
+    text: str  # the text this token releases ("" while held back)
+    logprob: float | None
+    top_logprobs: list[tuple[int, float]] | None  # (token id, logprob), best first
+
+
+@dataclass
+class FinishEvent:
+    reason: str  # "stop", "length", "cancelled", "timeout", "error"
+    text: str  # the whole generated text (stop string excluded)
+    prompt_tokens: int
+    completion_tokens: int  # tokens generated, the stop token not counted
+    prompt_logprobs: list[float | None] | None
+    error: str | None = None  # reason "error": a one-line message
+    ttft_s: float = 0.0  # submit -> first token
+    tail: str = ""  # text released at the finish, in no TokenEvent: send it before the finish
+    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None  # per prompt token (the first: None)
+    tokens: tuple[int, ...] = ()  # the generated ids (the stop token not included)
+    logprobs: tuple[float, ...] | None = None  # with logprobs asked for: one per token in `tokens`
+
+
+Event = TokenEvent | FinishEvent
+
+
+class QueueFull(Exception):
+    """More than max_queue requests are waiting."""
+
+
+class RequestError(ValueError):
+    """The request cannot run: empty prompt, a token id outside the vocabulary, prompt past the context."""
+
+
+class EngineClosed(RuntimeError):
+    """submit() after close()."""
+
+
+class Handle:
+    def __init__(self, engine: "Engine", seq: Sequence):
+        self._engine, self._seq = engine, seq
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Thread-safe; the scheduler frees the row before its next step and sends FinishEvent("cancelled")."""
+        self.cancelled = True
+        self._engine._wake()
+
+    def grant(self, n: int = 1) -> None:
+        """A pulled sequence (submitted with credit): its reader asks for n more tokens. Thread-safe."""
+        with self._engine._cond:
+            if self._seq.credit is not None:
+                self._seq.credit += n
+            self._engine._cond.notify()
+
+
+@dataclass
+class _Client:
+    on_event: Callable[[Event], None]
+    handle: Handle
+    logprobs: list[float] | None  # per generated token, when asked for
+
+
+# ---- the engine ------------------------------------------------------------------------------------
+
+
+class Engine:
+    def __init__(self, model: Model, tokenizer: Tokenizer, stop_ids: set[int], *, max_batch: int = 8,
+                 max_queue: int = 64, prompt_chunk: int | None = None, prefill_tokens: int | None = None,
+                 context: int | None = None):
+        """prompt_chunk: prompt tokens one run reads of one sequence (default: the model's, as its own
+        chunked prompt passes); prefill_tokens: the most tokens (rows x longest chunk) one batched
+        prompt run takes (default 4 chunks); context: the tokens a row holds at most, prompt included
+        (default and cap: the model's)."""
+        if max_batch < 1 or max_queue < 0 or (prompt_chunk is not None and prompt_chunk < 1):
+            raise ValueError("max_batch and prompt_chunk must be >= 1, max_queue >= 0")
+        self.model, self.tokenizer, self.stop_ids = model, tokenizer, frozenset(stop_ids)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.prompt_chunk = prompt_chunk or model.prompt_chunk or PROMPT_CHUNK
+        self.scheduler = Scheduler(max_batch, self.prompt_chunk, prefill_tokens)
+        self.prefill_tokens = self.scheduler.prefill_tokens
+        self.slots = make_slots(model, max_batch, context)
+        self.context = self.slots.capacity
+        self.vocab_size = model.config.model.vocab_size
+        self.clients: dict[Sequence, _Client] = {}
+        self.counts: Counter = Counter()  # steps, prefill_chunks, tokens, finished by reason
+        self._cond = threading.Condition()  # guards the scheduler's queues and clients (submit runs on other threads)
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    @classmethod
+    def from_generator(cls, gen, **kw) -> "Engine":
+        """The generator's model and tokenizer, and its stop ids (EOS + the chat format's)."""
+        return cls(gen.model, gen.tokenizer, gen.stop_ids(), **kw)
+
+    # ---- the caller's side (any thread) ---------------------------------------------------------
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="llama2-onnx-engine", daemon=True)
+                self._thread.start()
+
+    def close(self) -> None:
+        """Stop the scheduler; every request not finished gets FinishEvent("cancelled")."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is threading.current_thread():  # close() from a callback: the loop ends after this step
+            return
+        if self._thread is not None:
+            self._thread.join()
+        else:
+            self._cancel_all()
+
+    def submit(self, req: GenRequest, on_event: Callable[[Event], None], *, credit: int | None = None) -> Handle:
+        """Queue req; on_event gets its events on the scheduler thread (it must not block). credit: a
+        pulled sequence's tokens decoded ahead of its reader (handle.grant() adds more; its first
+        token, from the prompt pass, is free); None: as fast as the engine runs.
+
+        Raises RequestError for a request that cannot run, QueueFull when max_queue requests already wait
+        beyond the free rows."""
+        self._check(req)
+        seq = Sequence.of(req, self.stop_ids, self.tokenizer, self.context)
+        seq.credit = credit
+        handle = Handle(self, seq)
+        with self._cond:
+            if self._closing:
+                raise EngineClosed("the engine is closed")
+            if self.scheduler.queued >= self.max_queue:
+                raise QueueFull(f"{self.scheduler.queued} requests are waiting for a row (max_queue {self.max_queue})")
+            self.clients[seq] = _Client(on_event, handle, [] if req.logprobs is not None else None)
+            self.scheduler.add(seq)
+            self._cond.notify()
+        return handle
+
+    def stats(self) -> dict:
+        """Gauges and counters (numbers only): running = decoding + reading their prompt; steps = decode
+        steps; prefill_runs = prompt runs (one run may carry several rows' first chunks)."""
+        c, sched = self.counts, self.scheduler
+        with self._cond:
+            running, queued, free = list(sched.running), len(sched.waiting), len(sched.free)
+        return {"running": len(running), "decoding": sum(not s.reading for s in running), "queued": queued,
+                "max_batch": self.max_batch, "free_slots": free, "context": self.context,
+                "steps": c["steps"], "prefill_chunks": c["prefill_chunks"], "prefill_runs": c["prefill_runs"],
+                "prompt_tokens": c["prompt_tokens"], "generated_tokens": c["generated_tokens"],
+                **{f"finished_{r}": c[f"finished_{r}"] for r in REASONS}}
+
+    def _check(self, req: GenRequest) -> None:
+        n = len(req.prompt)
+        if n == 0:
+            raise RequestError("the prompt is empty")
+        if n >= self.context and not (n == self.context and req.max_tokens == 0):
+            raise RequestError(f"the prompt is {n} tokens; the context is {self.context}")
+        if min(req.prompt) < 0 or max(req.prompt) >= self.vocab_size:
+            raise RequestError(f"a prompt token id is outside [0, {self.vocab_size})")
+        if req.max_tokens < (0 if req.prompt_logprobs else 1):
+            raise RequestError(f"max_tokens must be at least 1, got {req.max_tokens}")
+        if any(not isinstance(s, str) or not s for s in req.stop):
+            raise RequestError(f"stop strings must be non-empty strings, got {req.stop!r}")
+        if req.logprobs is not None and req.logprobs < 0:
+            raise RequestError(f"logprobs must be >= 0, got {req.logprobs}")
+        try:
+            make_rng(req.seed)
+        except SamplingError as e:
+            raise RequestError(str(e)) from None
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
+    # ---- the scheduler thread ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and not self.clients:
+                    self._cond.wait()
+                if self._closing:
+                    break
+            try:
+                if not self.step():  # every sequence waits on its reader (or a row): sleep until woken
+                    with self._cond:
+                        self._cond.wait(IDLE_WAIT_S)
+            except Exception as e:  # a bug, not a model error (those fail their rows in step): fail all
+                log.exception("engine step failed")
+                for seq in list(self.scheduler.running):
+                    self._finish(seq, ERROR, error=_one_line(e))
+        self._cancel_all()
+
+    def step(self) -> bool:
+        """One round: retire, schedule, one prompt run, one decode step (see the module docstring).
+        False when there was nothing to run."""
+        self._retire()
+        with self._cond:
+            plan = self.scheduler.schedule()
+        if plan.prefill:
+            self._prefill(plan.prefill)
+        decoding = [s for s in plan.decode if s.finish_reason is None and not s.reading]
+        if decoding:
+            self._decode(decoding)
+        return bool(plan.prefill or decoding)
+
+    def _retire(self) -> None:
+        now = time.perf_counter()
+        with self._cond:
+            gone = [s for s, c in self.clients.items() if c.handle.cancelled or s.late(now)]
+        for seq in gone:
+            self._finish(seq, CANCELLED if self.clients[seq].handle.cancelled else TIMEOUT)
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        """One prompt run: the next chunk of one sequence, or the first chunks of several in adjacent rows."""
+        chunks = [self.scheduler.chunk(s) for s in seqs]
+        want_all = seqs[0].prompt_logprobs is not None  # runs alone (the scheduler's rule)
+        try:
+            if len(seqs) > 1:
+                logits = self.slots.prefill_rows(seqs[0].slot, chunks)  # (n, V)
+            else:
+                logits = self.slots.prefill(seqs[0].slot, chunks[0], all_logits=want_all)  # (S or 1, V)
+        except Exception as e:  # ORT failure: these requests only
+            for seq in seqs:
+                self._finish(seq, ERROR, error=_one_line(e))
+            return
+        if want_all:
+            self._score_prompt(seqs[0], len(chunks[0]), logits)
+            logits = logits[-1:]
+        self.counts["prefill_chunks"] += len(seqs)
+        self.counts["prefill_runs"] += 1
+        done = []
+        for i, (seq, chunk) in enumerate(zip(seqs, chunks)):
+            seq.read += len(chunk)
+            if not seq.reading:
+                self.counts["prompt_tokens"] += len(seq.req.prompt)
+                seq.ttft_s = time.perf_counter() - seq.submitted
+                done.append(i)
+        if done:
+            self._postprocess([seqs[i] for i in done], logits[done])
+
+    def _score_prompt(self, seq: Sequence, n: int, logits: np.ndarray) -> None:
+        """Prompt logprobs of this chunk: logits[j] predicts prompt[read + j + 1]."""
+        prompt = seq.req.prompt
+        nxt = np.asarray(prompt[seq.read + 1:seq.read + n + 1], np.int64)  # (S or S-1,)
+        logp = log_softmax(logits[:len(nxt)])  # (S or S-1, V)
+        seq.prompt_logprobs += np.take_along_axis(logp, nxt[:, None], axis=-1)[:, 0].tolist()
+        if seq.prompt_top is not None:
+            seq.prompt_top += [top_logprobs(row, seq.req.logprobs) for row in logp]
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        """One token for every seq (their last sampled tokens), in one batched step."""
+        try:
+            logits = self.slots.decode([s.slot for s in seqs], [s.tokens[-1] for s in seqs])  # (n, V)
+        except Exception as e:
+            for seq in seqs:
+                self._finish(seq, ERROR, error=_one_line(e))
+            return
+        self.counts["steps"] += 1
+        with self._cond:
+            for seq in seqs:
+                if seq.credit is not None:
+                    seq.credit -= 1
+        self._postprocess(seqs, logits)
+
+    def _postprocess(self, seqs: list[Sequence], logits: np.ndarray) -> None:
+        """Sample one token per seq from its logits row, emit it, retire the finished."""
+        for seq, row in zip(seqs, logits):
+            if seq.budget == 0:  # the prompt was only scored
+                self._finish(seq, LENGTH)
+                continue
+            req = seq.req
+            tok = int(sample(row[None, :], req.params, seq.rng, prev_tokens=seq.history)[0])
+            text, done = seq.append(tok)
+            if tok in seq.stop_ids:
+                self._finish(seq)
+                continue
+            self.counts["generated_tokens"] += 1
+            lp = top = None
+            if req.logprobs is not None:
+                logp = log_softmax(row)  # (V,)
+                lp, top = float(logp[tok]), top_logprobs(logp, req.logprobs)
+                self.clients[seq].logprobs.append(lp)
+            if self._emit(seq, self.clients[seq], TokenEvent(tok, text, lp, top)) and done:
+                self._finish(seq)
+
+    def _emit(self, seq: Sequence, client: _Client, event: Event) -> bool:
+        """Call the request's callback; a callback that raises cancels its request."""
+        try:
+            client.on_event(event)
+            return True
+        except Exception:
+            log.exception("on_event raised; cancelling the request")
+            if not isinstance(event, FinishEvent):
+                client.handle.cancelled = True
+                self._finish(seq, CANCELLED)
+            return False
+
+    def _finish(self, seq: Sequence, reason: str | None = None, error: str | None = None) -> None:
+        """Send the FinishEvent and free the row (reason None: the one seq.append found)."""
+        with self._cond:
+            row = self.scheduler.release(seq)
+            client = self.clients.pop(seq, None)
+        if client is None:  # finished already
+            return
+        if row is not None:
+            self.slots.free(row)
+        tail = seq.finish(reason)
+        self.counts[f"finished_{seq.finish_reason}"] += 1
+        self._emit(seq, client, FinishEvent(seq.finish_reason, seq.text, len(seq.req.prompt), len(seq.tokens),
+                                            seq.prompt_logprobs, error=error, ttft_s=seq.ttft_s, tail=tail,
+                                            prompt_top_logprobs=seq.prompt_top, tokens=tuple(seq.tokens),
+                                            logprobs=None if client.logprobs is None else tuple(client.logprobs)))
+
+    def _cancel_all(self) -> None:
+        with self._cond:
+            left = list(self.clients)
+        for seq in left:
+            self._finish(seq, CANCELLED)
+
+
+def _one_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]

@@ -257,7 +257,7 @@ class Engine:
         with self._cond:
             plan = self.scheduler.schedule()
         if plan.prefill:
-            self._prefill(plan.prefill)
+            self._prefill(plan.prefill, plan.chunks)
         decoding = [s for s in plan.decode if s.finish_reason is None and not s.reading]
         if decoding:
             self._decode(decoding)
@@ -270,9 +270,8 @@ class Engine:
         for seq in gone:
             self._finish(seq, CANCELLED if self.clients[seq].handle.cancelled else TIMEOUT)
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
+    def _prefill(self, seqs: list[Sequence], chunks: list[tuple[int, ...]]) -> None:
         """One prompt run: the next chunk of one sequence, or the first chunks of several in adjacent rows."""
-        chunks = [self.scheduler.chunk(s) for s in seqs]
         want_all = seqs[0].prompt_logprobs is not None  # runs alone (the scheduler's rule)
         try:
             if len(seqs) > 1:

@@ -13,8 +13,8 @@ busy row + 1, so low rows keep it short) and keeps it until it is released.
 
 Each round is one prompt run (at most) and then one decode step over every sequence past its
 prompt, so a running stream waits for at most one prompt run between two of its tokens: at most
-`prompt_chunk` tokens of one prompt, or the first chunks of sequences that arrived together
-(below), `prefill_tokens` tokens in all.
+`prompt_chunk` tokens of one prompt (fewer deep into a long one, below), or the first chunks of
+sequences that arrived together (below), `prefill_tokens` tokens in all.
 
 Fair prefill: which reader's chunk runs. The reader with the fewest prompt tokens left goes first
 (shortest remaining first), so a short request that arrives while a long prompt is being read is
@@ -27,6 +27,9 @@ more each when several starve together).
 
 A pulled sequence (credit 0: its reader has not asked for the next token yet) sits out decode
 steps, keeping its row, until credit is granted.
+
+Deep chunks: while streams are decoding, a chunk far into a long prompt is shortened (chunk()), so
+that one run's work, and with it a stream's wait, stays near a first chunk's at any depth.
 
 Prompts read together: when the chosen reader is on its first chunk, the readers on their first
 chunks in the rows next to it join the run (the slots read them in one padded batch), up to
@@ -42,11 +45,13 @@ from dataclasses import dataclass, field
 from .sequence import Sequence
 
 MAX_SKIPS = 4  # prompt runs a reader may be passed over in a row before it goes next
+DEEP = 256  # prompt tokens past which a chunk is shortened while streams decode (chunk())
 
 
 @dataclass
 class Plan:
     prefill: list[Sequence] = field(default_factory=list)  # their next chunks, in one run (rows ascending)
+    chunks: list[tuple[int, ...]] = field(default_factory=list)  # the prompt tokens each of prefill reads
     decode: list[Sequence] = field(default_factory=list)  # one token each, in one batched step
 
     @property
@@ -60,6 +65,7 @@ class Scheduler:
         if max_batch < 1 or prompt_chunk < 1 or max_skips < 0:
             raise ValueError("max_batch and prompt_chunk must be >= 1, max_skips >= 0")
         self.max_batch, self.prompt_chunk, self.max_skips = max_batch, prompt_chunk, max_skips
+        self.min_chunk = max(1, prompt_chunk // 8)
         self.prefill_tokens = max(prefill_tokens or 4 * prompt_chunk, prompt_chunk)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
@@ -90,14 +96,24 @@ class Scheduler:
         prefill = self._group(self._next_reader(readers)) if readers else []
         for seq in readers:
             seq.skipped = 0 if seq in prefill else seq.skipped + 1
+        streams = any(not s.reading and s.credit != 0 for s in self.running)
+        chunks = [self.chunk(s, streams) for s in prefill]
         # a reader whose prompt ends in this run samples its first token there, then decodes with the rest
-        ends = {id(s) for s in prefill if s.remaining_prompt <= self.prompt_chunk}
+        ends = {id(s) for s, c in zip(prefill, chunks) if s.remaining_prompt <= len(c)}
         decode = [s for s in self.running if (not s.reading or id(s) in ends) and s.credit != 0]
-        return Plan(prefill, decode)
+        return Plan(prefill, chunks, decode)
 
-    def chunk(self, seq: Sequence) -> tuple[int, ...]:
-        """The prompt tokens seq reads in its next run."""
-        return seq.req.prompt[seq.read:seq.read + self.prompt_chunk]
+    def chunk(self, seq: Sequence, streams: bool = False) -> tuple[int, ...]:
+        """The prompt tokens seq reads in its next run. With streams decoding, a chunk deep into its
+        prompt is shorter: GroupQueryAttention's CPU prompt kernel scores every new token against every
+        one before it, so a run's work grows with its depth. Past DEEP tokens a chunk is
+        prompt_chunk * DEEP / depth tokens (at least prompt_chunk / 8): each run's attention work stays
+        that of a chunk at depth DEEP, and so do the streams' gaps, however long the prompt. Alone, a
+        prompt reads whole chunks."""
+        n = self.prompt_chunk
+        if streams and seq.read > DEEP:
+            n = max(self.min_chunk, min(n, n * DEEP // seq.read))
+        return seq.req.prompt[seq.read:seq.read + n]
 
     def _admit(self) -> None:
         while self.waiting and self.free:

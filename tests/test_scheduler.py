@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from llama2_onnx.runtime.sampler import SamplingParams
-from llama2_onnx.runtime.scheduler import MAX_SKIPS, Scheduler
+from llama2_onnx.runtime.scheduler import DEEP, MAX_SKIPS, Scheduler
 from llama2_onnx.runtime.sequence import GenRequest, Sequence
 
 CHUNK = 256
@@ -28,8 +28,8 @@ class FakeRunner:
     def round(self):
         plan = self.sched.schedule()
         self.rounds.append(plan)
-        for s in plan.prefill:
-            s.read += len(self.sched.chunk(s))
+        for s, chunk in zip(plan.prefill, plan.chunks):
+            s.read += len(chunk)
             if not s.reading:
                 s.tokens.append(0)  # the first token, sampled from the prompt run
         for s in plan.decode:
@@ -157,3 +157,32 @@ def test_a_pulled_sequence_sits_out_decode_steps_until_granted():
 def test_bad_settings(bad):
     with pytest.raises(ValueError):
         Scheduler(**bad)
+
+
+def test_deep_chunks_shrink_only_while_streams_decode():
+    """Alone, a long prompt reads whole chunks; with a stream decoding, a chunk at depth d > DEEP is
+    CHUNK * DEEP / d tokens (at least CHUNK / 8), so each run's attention work stays that at DEEP."""
+    alone = Scheduler(max_batch=2, prompt_chunk=CHUNK)
+    run = FakeRunner(alone)
+    long = seq(4000, tokens=1)
+    alone.add(long)
+    while long.reading:
+        plan = run.round()
+        assert len(plan.chunks[0]) == min(CHUNK, 4000 - (long.read - len(plan.chunks[0])))
+    shared = Scheduler(max_batch=2, prompt_chunk=CHUNK)
+    run = FakeRunner(shared)
+    stream, long = seq(4, tokens=10_000), seq(4000, tokens=1)
+    shared.add(stream)
+    run.round()
+    shared.add(long)
+    sizes = {}
+    while long.reading:
+        depth = long.read
+        plan = run.round()
+        sizes[depth] = len(plan.chunks[0])
+        assert stream in plan.decode
+    assert all(n == CHUNK for depth, n in sizes.items() if depth <= DEEP)
+    for depth, n in sizes.items():
+        if depth > DEEP:
+            assert n == min(max(CHUNK // 8, CHUNK * DEEP // depth), 4000 - depth), (depth, n)
+    assert CHUNK // 8 in sizes.values()  # the floor, reached deep in the prompt

@@ -134,7 +134,7 @@ class Engine:
                  context: int | None = None):
         """prompt_chunk: prompt tokens one run reads of one sequence (default: the model's, as its own
         chunked prompt passes); prefill_tokens: the most tokens (rows x longest chunk) one batched
-        prompt run takes (default 4 chunks); context: the tokens a row holds at most, prompt included
+        prompt run takes (default 2 chunks: 512 tokens on the CPU); context: the tokens a row holds at most, prompt included
         (default and cap: the model's)."""
         if max_batch < 1 or max_queue < 0 or (prompt_chunk is not None and prompt_chunk < 1):
             raise ValueError("max_batch and prompt_chunk must be >= 1, max_queue >= 0")

@@ -289,7 +289,9 @@ class Generator:
             if isinstance(event, TokenEvent):
                 _time(timings.setdefault(i, Timings()), last, i, at)
                 continue
-            out[i] = _result(event, timings.get(i, Timings()), logprobs)
+            if i not in last:  # ended at its first token (a stop token): that was its time to first token
+                _time(timings.setdefault(i, Timings()), last, i, at)
+            out[i] = _result(event, timings[i], logprobs)
         return out
 
     def _pieces(self, run: _Run, requests: list, results: list) -> Iterator[str]:
@@ -302,6 +304,8 @@ class Generator:
                     yield event.text
                 run.handles[0].grant()  # the caller wants the next piece: one more token
                 continue
+            if not last:  # ended at its first token (a stop token): that was its time to first token
+                _time(timings, last, 0, at)
             if event.tail:
                 yield event.tail
             results.append(_result(event, timings, requests[0].logprobs is not None))

@@ -66,7 +66,7 @@ class Scheduler:
             raise ValueError("max_batch and prompt_chunk must be >= 1, max_skips >= 0")
         self.max_batch, self.prompt_chunk, self.max_skips = max_batch, prompt_chunk, max_skips
         self.min_chunk = max(1, prompt_chunk // 8)
-        self.prefill_tokens = max(prefill_tokens or 4 * prompt_chunk, prompt_chunk)
+        self.prefill_tokens = max(prefill_tokens or 2 * prompt_chunk, prompt_chunk)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.free = list(range(max_batch))  # free rows, lowest first

@@ -96,7 +96,7 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--requests-per-client", type=int, default=2)
     p.add_argument("--max-batch", type=int, default=8)
-    p.add_argument("--prompt-chunk", type=int, default=128)
+    p.add_argument("--prompt-chunk", type=int, default=None, help="default: the engine's (the model's prompt chunk)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)

@@ -62,7 +62,7 @@ class Llama:
         max_seq_len: the context for prompt and answer together (default, and at most: the folder's);
         max_batch_size: the most prompts or dialogs one call takes; model_kwargs go to Model.from_dir
         (provider, threads, io_binding, ...)."""
-        generator = Generator.from_dir(model_dir, **model_kwargs)
+        generator = Generator.from_dir(model_dir, max_batch=max_batch_size, **model_kwargs)  # its batches in one go
         ctx = generator.args.max_seq_len
         max_seq_len = ctx if max_seq_len is None else max_seq_len
         if not 1 <= max_seq_len <= ctx:

@@ -43,10 +43,12 @@ from typing import Callable
 
 import numpy as np
 
+from llama2_onnx.errors import UserError
+
 from .logprobs import log_softmax, top_logprobs
 from .sampler import SamplingError, make_rng, sample
 from .scheduler import Scheduler
-from .sequence import CANCELLED, ERROR, LENGTH, REASONS, STOP, TIMEOUT, GenRequest, Sequence
+from .sequence import CANCELLED, ERROR, LENGTH, REASONS, STOP, TIMEOUT, GenRequest, Sequence, stop_strings
 from .session import PROMPT_CHUNK, Model
 from .slots import make_slots
 from .tokenizer import Tokenizer
@@ -219,8 +221,10 @@ class Engine:
             raise RequestError(f"a prompt token id is outside [0, {self.vocab_size})")
         if req.max_tokens < (0 if req.prompt_logprobs else 1):
             raise RequestError(f"max_tokens must be at least 1, got {req.max_tokens}")
-        if any(not isinstance(s, str) or not s for s in req.stop):
-            raise RequestError(f"stop strings must be non-empty strings, got {req.stop!r}")
+        try:
+            stop_strings(req.stop)
+        except UserError as e:
+            raise RequestError(str(e)) from None
         if req.logprobs is not None and req.logprobs < 0:
             raise RequestError(f"logprobs must be >= 0, got {req.logprobs}")
         try:

@@ -29,6 +29,7 @@ from llama2_onnx.errors import UserError
 from .chat_format import CHAT_FORMATS, Dialog, format_dialog
 from .engine import ERROR, Engine, FinishEvent, GenRequest, Handle, TokenEvent
 from .sampler import MAX_SEED, SamplingParams, make_rng
+from .request import sampling, token_budget
 from .sequence import LENGTH, stop_strings
 from .session import LOAD_STAGES, Model
 from .tokenizer import Tokenizer, load_tokenizer
@@ -193,7 +194,8 @@ class Generator:
         token given those before it; the first, with nothing before it, 0.0 as in Meta's echo)."""
         single = isinstance(prompts, str)
         ids = [self.encode_prompt(p) for p in ([prompts] if single else prompts)]
-        params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
+        params = sampling("generator", temperature=temperature, top_p=top_p, top_k=top_k,
+                          repetition_penalty=repetition_penalty)
         results = self.generate_ids(ids, max_new_tokens, params, seed, stop, logprobs, prompt_logprobs)
         return results[0] if single else results
 
@@ -205,7 +207,8 @@ class Generator:
                    top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
                    stop: str | Sequence[str] = (), logprobs: bool = False, prompt_logprobs: bool = False) -> TextStream:
         """stream() for a prompt already encoded (BOS or chat format applied)."""
-        params = SamplingParams(temperature, top_p, top_k, repetition_penalty)
+        params = sampling("generator", temperature=temperature, top_p=top_p, top_k=top_k,
+                          repetition_penalty=repetition_penalty)
         requests = self._requests([list(prompt_ids)], max_new_tokens, params, seed, stop, logprobs, prompt_logprobs)
         results: list[GenerationResult] = []
         self.engine.start()
@@ -276,10 +279,7 @@ class Generator:
         limits = list(max_new_tokens)
         if len(limits) != len(prompts) or min(limits, default=0) < 0:
             raise ValueError(f"max_new_tokens needs one limit >= 0 per prompt, got {limits}")
-        for p, m in zip(prompts, limits):
-            if len(p) > ctx or (len(p) == ctx and m > 0):
-                raise UserError(f"the prompt is {len(p)} tokens, the model's context is {ctx}; shorten the prompt")
-        return [min(m, ctx - len(p)) for p, m in zip(prompts, limits)]
+        return [token_budget(len(p), m, ctx) for p, m in zip(prompts, limits)]
 
     def _collect(self, run: _Run, logprobs: bool) -> dict[int, GenerationResult]:
         timings: dict[int, Timings] = {}

@@ -34,7 +34,8 @@ from llama2_onnx.errors import UserError
 
 from .chat_format import IM_END, IM_START, SPECIAL_TAGS, Dialog, Message
 from .generator import Generator
-from .sampler import MAX_SEED, SamplingParams
+from .request import sampling, token_budget
+from .sampler import MAX_SEED
 
 UNSAFE_ERROR = "Error: special tags are not allowed as part of the prompt."
 FORMAT_TAGS = {"chatml": (IM_START, IM_END)}  # besides Meta's SPECIAL_TAGS, refused in any folder
@@ -92,8 +93,10 @@ class Llama:
                                 "shorten it or build with a larger max_seq_len")
         if not prompt_tokens:
             return [], ([] if logprobs else None)
-        params = SamplingParams(temperature=temperature, top_p=top_p if temperature > 0 else 1.0)
-        limits = [min(max_gen_len, self.max_seq_len - len(p)) for p in prompt_tokens]
+        params = sampling("meta", greedy=temperature == 0, temperature=temperature, top_p=top_p)
+        # Meta's rule: a prompt as long as max_seq_len generates nothing (no error), else the one budget rule
+        limits = [token_budget(len(p), max_gen_len, self.max_seq_len) if len(p) < self.max_seq_len else 0
+                  for p in prompt_tokens]
         results = self.generator.generate_ids(prompt_tokens, limits, params, seed=int(self.rng.integers(MAX_SEED)),
                                               logprobs=logprobs, prompt_logprobs=logprobs and echo)
         eos = self.tokenizer.eos_id

@@ -24,10 +24,9 @@ from llama2_onnx.errors import UserError
 
 from .classifier import UNSET, Classifier, TextClassificationPipeline
 from .generator import Generator
-from .sampler import SamplingParams
+from .request import sampling
 
 DEFAULT_MAX_NEW_TOKENS = 256  # transformers' text-generation default
-SAMPLING_DEFAULTS = dict(temperature=1.0, top_p=1.0, top_k=50)  # transformers' GenerationConfig defaults
 
 
 def _is_chat(x: Any) -> bool:
@@ -64,13 +63,9 @@ class TextGenerationPipeline:
             limits = [DEFAULT_MAX_NEW_TOKENS] * len(prompts)
         if min(limits) < 0:
             raise UserError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
-        penalty = 1.0 if repetition_penalty is None else repetition_penalty
-        if do_sample:
-            given = dict(temperature=temperature, top_p=top_p, top_k=top_k)
-            params = SamplingParams(**{k: SAMPLING_DEFAULTS[k] if v is None else v for k, v in given.items()},
-                                    repetition_penalty=penalty)
-        else:  # greedy; transformers ignores temperature, top_p and top_k here too
-            params = SamplingParams(repetition_penalty=penalty)
+        # greedy without do_sample: transformers ignores temperature, top_p and top_k then too
+        params = sampling("hf", greedy=not do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                          repetition_penalty=repetition_penalty)
         results = self.generator.generate_ids(prompts, limits, params, seed=seed)
         outputs = [[{"generated_text": self._output(x, r.tokens, return_full_text)}] for x, r in zip(inputs, results)]
         return outputs[0] if single else outputs

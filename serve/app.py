@@ -35,7 +35,9 @@ from .errors import APIError, from_validation
 from .guard import Guard, GuardOptions, error_response
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ScoreRequest, TokenizeRequest
-from .service import RunGroup, Sampling, Service
+from llama2_onnx.runtime.request import sampling
+
+from .service import RunGroup, Service
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +217,7 @@ def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: 
 
 
 def _model_card(service: Service) -> dict:
-    chat = Service.params(Sampling())  # what a chat request gets for the fields it leaves out
+    chat = sampling("openai")  # what a chat request gets for the fields it leaves out
     return {"id": service.model_id, "object": "model", "created": service.created, "owned_by": "llama2-onnx",
             "max_model_len": service.context,
             "chat_defaults": {"temperature": chat.temperature, "top_p": chat.top_p, "max_tokens": None}}

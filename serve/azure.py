@@ -15,18 +15,17 @@ output shows; max_new_tokens defaults to 128, clipped to the context left.
 
 from __future__ import annotations
 
+from llama2_onnx.runtime.request import sampling
+
 from .schemas import ScoreParameters, ScoreRequest
-from .service import Sampling, Service, check_finish
+from .service import Service, check_finish
 
 DEFAULT_MAX_NEW_TOKENS = 128
-HF_TOP_K = 50
 
 
 def _request(service: Service, ids: list[int], p: ScoreParameters, param: str):
-    if p.do_sample:
-        params = service.params(Sampling(p.temperature, p.top_p, p.top_k, p.repetition_penalty), default_top_k=HF_TOP_K)
-    else:
-        params = service.params(Sampling(0.0, None, None, p.repetition_penalty))
+    params = sampling("hf", greedy=not p.do_sample, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
+                      repetition_penalty=p.repetition_penalty)
     asked = DEFAULT_MAX_NEW_TOKENS if p.max_new_tokens is None else p.max_new_tokens
     n = service.budget(len(ids), asked, explicit=p.max_new_tokens is not None, param=param)
     return service.make_request(ids, n, params)

@@ -24,6 +24,9 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from llama2_onnx.errors import UserError
+from llama2_onnx.runtime.sequence import stop_strings
+
 from .errors import APIError, ParamError, bad_request, from_validation
 
 MAX_STOP = 4  # stop strings per request, OpenAI's limit
@@ -45,12 +48,13 @@ class ChatMessage(Strict):
 
 
 def _check_stop(stop: str | list[str] | None) -> tuple[str, ...]:
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    try:
+        stops = stop_strings(stop)  # the runtime's one rule (a string is one stop string; none empty)
+    except UserError as e:
+        raise ValueError(str(e)) from None
     if len(stops) > MAX_STOP:
         raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stops)}")
-    if any(not s for s in stops):
-        raise ValueError("stop strings must not be empty")
-    return stops
+    return tuple(stops)
 
 
 class Sampling(Strict):

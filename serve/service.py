@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import time
 import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Callable, Sequence, TypeVar
 
 from llama2_onnx.errors import UserError
 from llama2_onnx.runtime.generator import Generator
+from llama2_onnx.runtime.request import ContextError, sampling, token_budget
 from llama2_onnx.runtime.sampler import SamplingParams
 
 from llama2_onnx.runtime.engine import Engine, EngineClosed, FinishEvent, GenRequest, QueueFull, RequestError, TokenEvent
@@ -33,16 +33,6 @@ from .tokens import TokenTexts
 RETRY_AFTER_S = 1
 SHUTDOWN = "shutdown"  # the finish reason of a request the server ended because it is stopping
 T = TypeVar("T")
-
-
-@dataclass
-class Sampling:
-    """Sampling fields as a request gives them (None = the route's default)."""
-
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None
 
 
 class Service:
@@ -116,25 +106,17 @@ class Service:
         """New tokens a prompt of n_prompt tokens may have: asked, or the context left when not
         given; 400 context_length_exceeded when the prompt fills the context or an explicit
         ask does not fit in what is left."""
-        room = self.context - n_prompt
-        if room < 1:
-            raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, your "
-                           f"prompt is {n_prompt} tokens. Please shorten it.", param=param, code="context_length_exceeded")
-        if asked is None:
-            return room
-        if asked > room and explicit:
+        try:
+            return token_budget(n_prompt, asked, self.context, explicit=explicit)  # the one rule
+        except ContextError as e:  # in OpenAI's words
+            if e.asked is None:
+                raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, your "
+                               f"prompt is {n_prompt} tokens. Please shorten it.", param=param,
+                               code="context_length_exceeded") from None
             raise APIError(400, f"This model's maximum context length is {self.context} tokens. However, you requested "
-                           f"{n_prompt + asked} tokens ({n_prompt} in the prompt, {asked} for the completion). "
+                           f"{n_prompt + e.asked} tokens ({n_prompt} in the prompt, {e.asked} for the completion). "
                            "Please reduce the prompt or the completion length.",
-                           param="max_tokens", code="context_length_exceeded")
-        return min(asked, room)
-
-    @staticmethod
-    def params(s: Sampling, default_temperature: float = 1.0, default_top_k: int = 0) -> SamplingParams:
-        return SamplingParams(temperature=default_temperature if s.temperature is None else s.temperature,
-                              top_p=1.0 if s.top_p is None else s.top_p,
-                              top_k=default_top_k if s.top_k is None else s.top_k,
-                              repetition_penalty=1.0 if s.repetition_penalty is None else s.repetition_penalty)
+                           param="max_tokens", code="context_length_exceeded") from None
 
     def make_request(self, ids: list[int], max_tokens: int, params: SamplingParams, *, seed: int | None = None,
                      stop: tuple[str, ...] = (), logprobs: int | None = None,
@@ -148,7 +130,7 @@ class Service:
         ids = self.chat_ids(req.messages)
         limit = req.limit
         n = self.budget(len(ids), limit, explicit=limit is not None, param="messages")
-        return self.make_request(ids, n, self.params(_sampling(req)), seed=req.seed, stop=req.stops,
+        return self.make_request(ids, n, _sampling(req), seed=req.seed, stop=req.stops,
                                  logprobs=(req.top_logprobs or 0) if req.logprobs else None)
 
     def completion_requests(self, req: CompletionRequest) -> list[tuple[str, GenRequest]]:
@@ -156,7 +138,7 @@ class Service:
         self.check_model(req.model)
         explicit = "max_tokens" in req.model_fields_set and req.max_tokens is not None
         asked = req.max_tokens if req.max_tokens is not None else 16
-        params, echo_logprobs = self.params(_sampling(req)), bool(req.echo and req.logprobs is not None)
+        params, echo_logprobs = _sampling(req), bool(req.echo and req.logprobs is not None)
         out = []
         for i, prompt in enumerate(req.prompts):
             param = "prompt" if isinstance(req.prompt, str) else f"prompt[{i}]"
@@ -197,8 +179,10 @@ class Service:
         return {"prompt": self.tokenizer.decode(req.tokens)}
 
 
-def _sampling(req) -> Sampling:
-    return Sampling(req.temperature, req.top_p, req.top_k, req.repetition_penalty)
+def _sampling(req) -> SamplingParams:
+    """An OpenAI request's sampling, the OpenAI defaults filled in (runtime/request.py's table)."""
+    return sampling("openai", temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                    repetition_penalty=req.repetition_penalty)
 
 
 class RunGroup:

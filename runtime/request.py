@@ -1,0 +1,65 @@
+"""What every API does to a request before the engine sees it, in one place: the sampling its
+defaults fill in (one table, by API) and its token budget against the context (one rule).
+
+    params = sampling("openai", temperature=req.temperature, top_p=req.top_p)   # -> SamplingParams
+    n = token_budget(len(ids), asked=64, context=4096)                           # ContextError if it cannot fit
+
+The engine's submit checks what reaches it once more (ids in the vocabulary, a budget that fits),
+as the last guard; the APIs turn a ContextError into their own error (the CLI's one line, the
+server's OpenAI `context_length_exceeded`).
+"""
+
+from __future__ import annotations
+
+from llama2_onnx.errors import UserError
+
+from .sampler import SamplingParams
+
+# api -> what a request gets for each sampling field it leaves out (None or absent)
+DEFAULTS: dict[str, dict[str, float | int]] = {
+    "generator": dict(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0),  # our Python API and CLIs: greedy
+    "openai": dict(temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0),  # the OpenAI API's
+    "hf": dict(temperature=1.0, top_p=1.0, top_k=50, repetition_penalty=1.0),  # transformers' GenerationConfig (do_sample)
+    "meta": dict(temperature=0.6, top_p=0.9, top_k=0, repetition_penalty=1.0),  # Meta's text/chat_completion
+}
+GREEDY = dict(temperature=0.0, top_p=1.0, top_k=0)  # do_sample false: the penalty still applies
+
+
+def sampling(api: str, *, greedy: bool = False, **given: float | int | None) -> SamplingParams:
+    """SamplingParams from the fields a request gives (None: the API's default); greedy keeps only the
+    repetition penalty (Hugging Face's do_sample=False)."""
+    defaults = DEFAULTS[api]
+    if unknown := set(given) - set(defaults):
+        raise TypeError(f"unknown sampling fields {sorted(unknown)}")
+    values = {k: defaults[k] if given.get(k) is None else given[k] for k in defaults}
+    return SamplingParams(**(values | GREEDY if greedy else values))
+
+
+class ContextError(UserError):
+    """A prompt that fills the context, or an explicit ask that does not fit in what it leaves."""
+
+    def __init__(self, prompt_tokens: int, context: int, asked: int | None = None):
+        self.prompt_tokens, self.context, self.asked = prompt_tokens, context, asked
+        if asked is None:
+            message = f"the prompt is {prompt_tokens} tokens, the model's context is {context}; shorten the prompt"
+        else:
+            message = (f"the prompt is {prompt_tokens} tokens and {asked} more were asked for, past the model's "
+                       f"context of {context}; shorten the prompt or ask for fewer")
+        super().__init__(message)
+
+
+def token_budget(prompt_tokens: int, asked: int | None, context: int, *, explicit: bool = False) -> int:
+    """New tokens a prompt of prompt_tokens may have: asked (None: the rest of the context), capped at
+    what the context leaves. ContextError when the prompt leaves no room for what is asked (a prompt
+    only scored, asked 0, may fill the context), or when an explicit ask does not fit (explicit=False
+    caps it instead, as Meta's and Hugging Face's generate do)."""
+    room = context - prompt_tokens
+    if room < 0 or (room == 0 and asked != 0):
+        raise ContextError(prompt_tokens, context)
+    if asked is None:
+        return room
+    if asked < 0:
+        raise UserError(f"the number of new tokens must be at least 0, got {asked}")
+    if explicit and asked > room:
+        raise ContextError(prompt_tokens, context, asked)
+    return min(asked, room)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -148,6 +149,7 @@ class Generator:
         # one engine for every call; its thread starts with the first
         rows = max_batch or MAX_BATCH.get(model.provider.name, OTHER_MAX_BATCH)
         self.engine = Engine(model, tokenizer, self.stop_ids(), max_batch=rows, max_queue=1 << 30)
+        weakref.finalize(self, self.engine.close)  # a dropped Generator stops its engine's thread
 
     @classmethod
     def from_dir(cls, path: str | Path, progress=None, max_batch: int | None = None, **model_kwargs) -> "Generator":
@@ -211,9 +213,20 @@ class Generator:
                           repetition_penalty=repetition_penalty)
         requests = self._requests([list(prompt_ids)], max_new_tokens, params, seed, stop, logprobs, prompt_logprobs)
         results: list[GenerationResult] = []
-        self.engine.start()
-        run = _Run(self.engine, requests, pulled=True)  # one row, max_new_tokens >= 1: never None
-        return TextStream(self._pieces(run, requests, results), results, run.cancel)
+        runs: list[_Run] = []  # submitted on the first next(): a stream never iterated holds no row
+
+        def cancel() -> None:
+            for run in runs:
+                run.cancel()
+
+        def pieces() -> Iterator[str]:
+            self.engine.start()
+            runs.append(_Run(self.engine, requests, pulled=True))  # one row, max_new_tokens >= 1: never None
+            yield from self._pieces(runs[0], requests, results)
+
+        stream = TextStream(pieces(), results, cancel)
+        weakref.finalize(stream, cancel)  # dropped half-read: its row is freed
+        return stream
 
     def chat(self, dialog: Dialog, **kwargs) -> GenerationResult:
         """Answer the dialog's last user message (kwargs as generate)."""
@@ -260,7 +273,7 @@ class Generator:
         budgets = self._budgets(prompts, max_new_tokens, prompt_logprobs)
         out = []
         for i, (p, b) in enumerate(zip(prompts, budgets)):
-            row_seed = None if seed is None else (seed + i) % (MAX_SEED + 1)
+            row_seed = None if seed is None else (int(seed) + i) % (MAX_SEED + 1)
             if b == 0 and not prompt_logprobs:
                 out.append(None)
                 continue

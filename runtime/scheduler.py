@@ -123,8 +123,8 @@ class Scheduler:
 
     def _next_reader(self, readers: list[Sequence]) -> Sequence:
         starved = [s for s in readers if s.skipped >= self.max_skips]
-        if starved:
-            return starved[0]  # the oldest: readers are in admission order
+        if starved:  # the longest passed over (the oldest of equals): starved readers cannot take turns forever
+            return max(starved, key=lambda s: s.skipped)
         return min(readers, key=lambda s: s.remaining_prompt)  # min keeps the first of equals: the oldest
 
     def _group(self, seq: Sequence) -> list[Sequence]:

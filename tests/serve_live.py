@@ -53,30 +53,23 @@ class LiveServer:
 def rows_busy(service, step_s: float = 0.05, timeout_s: float = 20.0):
     """Every row of service's engine taken by a slowed request that would run to the context, so the
     next request must queue; the rows are freed (cancelled) and the speed restored on exit."""
-    from llama2_onnx.runtime.sampler import SamplingParams
     from llama2_onnx.runtime.engine import GenRequest
+    from llama2_onnx.runtime.sampler import SamplingParams
 
     engine = service.engine
-    decode = engine.slots.decode
-
-    def slow(*args):
-        time.sleep(step_s)
-        return decode(*args)
-
-    engine.slots.decode = slow
     prompt = service.gen.encode_prompt("busy")
     req = GenRequest(prompt=tuple(prompt), max_tokens=engine.context - len(prompt), params=SamplingParams())
-    handles = [engine.submit(req, lambda event: None) for _ in range(engine.max_batch)]
-    try:
-        deadline = time.monotonic() + timeout_s
-        while engine.stats()["free_slots"] or engine.stats()["queued"]:
-            assert time.monotonic() < deadline, "the busy requests did not take every row"
-            time.sleep(0.01)
-        yield
-    finally:
-        for h in handles:
-            h.cancel()
-        engine.slots.decode = decode
+    with slowed(service, step_s):
+        handles = [engine.submit(req, lambda event: None) for _ in range(engine.max_batch)]
+        try:
+            deadline = time.monotonic() + timeout_s
+            while engine.stats()["free_slots"] or engine.stats()["queued"]:
+                assert time.monotonic() < deadline, "the busy requests did not take every row"
+                time.sleep(0.01)
+            yield
+        finally:
+            for h in handles:
+                h.cancel()
 
 
 @contextlib.contextmanager

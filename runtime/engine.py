@@ -45,8 +45,10 @@ import numpy as np
 
 from llama2_onnx.errors import UserError
 
+from .events import EngineClosed, Event, FinishEvent, QueueFull, RequestError, TokenEvent
 from .logprobs import log_softmax, top_logprobs
 from .sampler import SamplingError, make_rng, sample
+from .prefix_cache import HOST_GB, PrefixCache
 from .scheduler import Scheduler
 from .sequence import CANCELLED, ERROR, LENGTH, REASONS, STOP, TIMEOUT, GenRequest, Sequence, stop_strings
 from .session import PROMPT_CHUNK, Model
@@ -64,44 +66,6 @@ __all__ = ["Engine", "GenRequest", "TokenEvent", "FinishEvent", "QueueFull", "Re
 # ---- the interface -------------------------------------------------------------------------
 
 
-@dataclass
-class TokenEvent:
-    token: int
-    text: str  # the text this token releases ("" while held back)
-    logprob: float | None
-    top_logprobs: list[tuple[int, float]] | None  # (token id, logprob), best first
-
-
-@dataclass
-class FinishEvent:
-    reason: str  # "stop", "length", "cancelled", "timeout", "error"
-    text: str  # the whole generated text (stop string excluded)
-    prompt_tokens: int
-    completion_tokens: int  # tokens generated, the stop token not counted
-    prompt_logprobs: list[float | None] | None
-    error: str | None = None  # reason "error": a one-line message
-    ttft_s: float = 0.0  # submit -> first token
-    tail: str = ""  # text released at the finish, in no TokenEvent: send it before the finish
-    prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None  # per prompt token (the first: None)
-    tokens: tuple[int, ...] = ()  # the generated ids (the stop token not included)
-    logprobs: tuple[float, ...] | None = None  # with logprobs asked for: one per token in `tokens`
-
-
-Event = TokenEvent | FinishEvent
-
-
-class QueueFull(Exception):
-    """More than max_queue requests are waiting."""
-
-
-class RequestError(ValueError):
-    """The request cannot run: empty prompt, a token id outside the vocabulary, prompt past the context."""
-
-
-class EngineClosed(RuntimeError):
-    """submit() after close()."""
-
-
 class Handle:
     def __init__(self, engine: "Engine", seq: Sequence):
         self._engine, self._seq = engine, seq
@@ -117,7 +81,7 @@ class Handle:
         with self._engine._cond:
             if self._seq.credit is not None:
                 self._seq.credit += n
-            self._engine._cond.notify()
+            self._engine._kick()
 
 
 @dataclass
@@ -133,19 +97,23 @@ class _Client:
 class Engine:
     def __init__(self, model: Model, tokenizer: Tokenizer, stop_ids: set[int], *, max_batch: int = 8,
                  max_queue: int = 64, prompt_chunk: int | None = None, prefill_tokens: int | None = None,
-                 context: int | None = None):
+                 context: int | None = None, prefix_cache: bool = True, prefix_cache_gb: float = HOST_GB):
         """prompt_chunk: prompt tokens one run reads of one sequence (default: the model's, as its own
         chunked prompt passes); prefill_tokens: the most tokens (rows x longest chunk) one batched
-        prompt run takes (default 2 chunks: 512 tokens on the CPU); context: the tokens a row holds at most, prompt included
-        (default and cap: the model's)."""
+        prompt run takes (default 2 chunks: 512 tokens on the CPU); context: the tokens a row holds at
+        most, prompt included (default and cap: the model's); prefix_cache: reuse the KV cache of prompt
+        prefixes rows hold, with prefix_cache_gb of host memory for those that lose their row
+        (runtime/prefix_cache.py)."""
         if max_batch < 1 or max_queue < 0 or (prompt_chunk is not None and prompt_chunk < 1):
             raise ValueError("max_batch and prompt_chunk must be >= 1, max_queue >= 0")
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, frozenset(stop_ids)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.prompt_chunk = prompt_chunk or model.prompt_chunk or PROMPT_CHUNK
-        self.scheduler = Scheduler(max_batch, self.prompt_chunk, prefill_tokens)
-        self.prefill_tokens = self.scheduler.prefill_tokens
         self.slots = make_slots(model, max_batch, context)
+        self.pool = PrefixCache(self.slots, prefix_cache, prefix_cache_gb)
+        self.scheduler = Scheduler(max_batch, self.prompt_chunk, prefill_tokens, place=self._place,
+                                   share=prefix_cache and self.slots.can_copy)
+        self.prefill_tokens = self.scheduler.prefill_tokens
         self.context = self.slots.capacity
         self.vocab_size = model.config.model.vocab_size
         self.clients: dict[Sequence, _Client] = {}
@@ -153,6 +121,7 @@ class Engine:
         self._cond = threading.Condition()  # guards the scheduler's queues and clients (submit runs on other threads)
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._kicked = False  # something changed since the loop last looked (no wake-up is lost)
 
     @classmethod
     def from_generator(cls, gen, **kw) -> "Engine":
@@ -162,7 +131,7 @@ class Engine:
     # ---- the caller's side (any thread) ---------------------------------------------------------
     def start(self) -> None:
         with self._cond:
-            if self._thread is None:
+            if self._thread is None or (not self._thread.is_alive() and not self._closing):  # (again, if it died)
                 self._thread = threading.Thread(target=self._loop, name="llama2-onnx-engine", daemon=True)
                 self._thread.start()
 
@@ -196,7 +165,7 @@ class Engine:
                 raise QueueFull(f"{self.scheduler.queued} requests are waiting for a row (max_queue {self.max_queue})")
             self.clients[seq] = _Client(on_event, handle, [] if req.logprobs is not None else None)
             self.scheduler.add(seq)
-            self._cond.notify()
+            self._kick()
         return handle
 
     def stats(self) -> dict:
@@ -208,7 +177,8 @@ class Engine:
         return {"running": len(running), "decoding": sum(not s.reading for s in running), "queued": queued,
                 "max_batch": self.max_batch, "free_slots": free, "context": self.context,
                 "steps": c["steps"], "prefill_chunks": c["prefill_chunks"], "prefill_runs": c["prefill_runs"],
-                "prompt_tokens": c["prompt_tokens"], "generated_tokens": c["generated_tokens"],
+                "prompt_tokens": c["prompt_tokens"], "prompt_tokens_cached": c["prompt_tokens_cached"],
+                "generated_tokens": c["generated_tokens"], **self.pool.stats(),
                 **{f"finished_{r}": c[f"finished_{r}"] for r in REASONS}}
 
     def _check(self, req: GenRequest) -> None:
@@ -234,7 +204,11 @@ class Engine:
 
     def _wake(self) -> None:
         with self._cond:
-            self._cond.notify()
+            self._kick()
+
+    def _kick(self) -> None:  # with self._cond held
+        self._kicked = True
+        self._cond.notify()
 
     # ---- the scheduler thread ---------------------------------------------------------------------
     def _loop(self) -> None:
@@ -244,10 +218,12 @@ class Engine:
                     self._cond.wait()
                 if self._closing:
                     break
+                self._kicked = False
             try:
                 if not self.step():  # every sequence waits on its reader (or a row): sleep until woken
                     with self._cond:
-                        self._cond.wait(IDLE_WAIT_S)
+                        if not self._kicked:
+                            self._cond.wait(IDLE_WAIT_S)
             except Exception as e:  # a bug, not a model error (those fail their rows in step): fail all
                 log.exception("engine step failed")
                 for seq in list(self.scheduler.running):
@@ -266,6 +242,12 @@ class Engine:
         if decoding:
             self._decode(decoding)
         return bool(plan.prefill or decoding)
+
+    def _place(self, seq: Sequence, free: list[int]) -> int:
+        """The scheduler's admission (under self._cond): the row the KV pool gives seq, past its cached prefix."""
+        row, seq.cached = self.pool.place(seq.req.prompt, free, seq.req.cache_prompt and not seq.req.prompt_logprobs)
+        seq.read = seq.cached
+        return row
 
     def _retire(self) -> None:
         now = time.perf_counter()
@@ -296,6 +278,7 @@ class Engine:
             seq.read += len(chunk)
             if not seq.reading:
                 self.counts["prompt_tokens"] += len(seq.req.prompt)
+                self.counts["prompt_tokens_cached"] += seq.cached
                 seq.ttft_s = time.perf_counter() - seq.submitted
                 done.append(i)
         if done:
@@ -363,14 +346,15 @@ class Engine:
         with self._cond:
             row = self.scheduler.release(seq)
             client = self.clients.pop(seq, None)
+            if row is not None:  # its tokens stay for later prompts (prefix_cache.py)
+                self.pool.park(row, keep=reason != ERROR)
         if client is None:  # finished already
             return
-        if row is not None:
-            self.slots.free(row)
         tail = seq.finish(reason)
         self.counts[f"finished_{seq.finish_reason}"] += 1
         self._emit(seq, client, FinishEvent(seq.finish_reason, seq.text, len(seq.req.prompt), len(seq.tokens),
                                             seq.prompt_logprobs, error=error, ttft_s=seq.ttft_s, tail=tail,
+                                            cached_tokens=seq.cached,
                                             prompt_top_logprobs=seq.prompt_top, tokens=tuple(seq.tokens),
                                             logprobs=None if client.logprobs is None else tuple(client.logprobs)))
 

@@ -63,7 +63,8 @@ class Llama:
         max_seq_len: the context for prompt and answer together (default, and at most: the folder's);
         max_batch_size: the most prompts or dialogs one call takes; model_kwargs go to Model.from_dir
         (provider, threads, io_binding, ...)."""
-        generator = Generator.from_dir(model_dir, max_batch=max_batch_size, **model_kwargs)  # its batches in one go
+        # its batches in one go, each row max_seq_len tokens (on a GPU a row is allocated whole)
+        generator = Generator.from_dir(model_dir, max_batch=max_batch_size, context=max_seq_len, **model_kwargs)
         ctx = generator.args.max_seq_len
         max_seq_len = ctx if max_seq_len is None else max_seq_len
         if not 1 <= max_seq_len <= ctx:

@@ -8,8 +8,12 @@ only: no ONNX Runtime here (the engine runs the plan; tests drive this with a fa
     plan.decode                          #   the sequences past their prompt: one token each
     sched.release(seq)                   # finished, cancelled or timed out: its row is free
 
-Rows. A waiting sequence takes the lowest free row (a decode step spans rows [0, k), k the highest
-busy row + 1, so low rows keep it short) and keeps it until it is released.
+Rows. A waiting sequence takes a free row and keeps it until it is released: the one the KV pool
+chooses (`place`: the row holding the longest prefix of its prompt, runtime/prefix_cache.py), else
+the lowest (a decode step spans rows [0, k), k the highest busy row + 1, so low rows keep it short).
+A sequence whose prompt begins with at least SHARED tokens that a running reader is about to compute
+waits for them (sequences behind it are admitted meanwhile) and then copies them from that row: a
+batch of one prompt reads it once.
 
 Each round is one prompt run (at most) and then one decode step over every sequence past its
 prompt, so a running stream waits for at most one prompt run between two of its tokens: at most
@@ -41,11 +45,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
+from .prefix_cache import common_prefix
 from .sequence import Sequence
 
 MAX_SKIPS = 4  # prompt runs a reader may be passed over in a row before it goes next
 DEEP = 256  # prompt tokens past which a chunk is shortened while streams decode (chunk())
+SHARED = 32  # prompt tokens another reader is computing that a new sequence waits for rather than computes
 
 
 @dataclass
@@ -61,7 +68,11 @@ class Plan:
 
 class Scheduler:
     def __init__(self, max_batch: int, prompt_chunk: int, prefill_tokens: int | None = None,
-                 max_skips: int = MAX_SKIPS):
+                 max_skips: int = MAX_SKIPS, place: Callable[[Sequence, list[int]], int] | None = None,
+                 share: bool = False):
+        """place(seq, free rows) -> the row seq takes (the KV pool's choice: runtime/prefix_cache.py; it may
+        set seq.read past a cached prefix); default: the lowest free row. share: a prompt that another
+        reader is reading waits for it (below)."""
         if max_batch < 1 or prompt_chunk < 1 or max_skips < 0:
             raise ValueError("max_batch and prompt_chunk must be >= 1, max_skips >= 0")
         self.max_batch, self.prompt_chunk, self.max_skips = max_batch, prompt_chunk, max_skips
@@ -70,6 +81,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.free = list(range(max_batch))  # free rows, lowest first
+        self.place, self.share = place, share
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -116,10 +128,25 @@ class Scheduler:
         return seq.req.prompt[seq.read:seq.read + n]
 
     def _admit(self) -> None:
-        while self.waiting and self.free:
-            seq = self.waiting.popleft()
-            seq.slot = self.free.pop(0)
+        for seq in list(self.waiting):
+            if not self.free:
+                return
+            if self.share and self._follows(seq):
+                continue
+            self.waiting.remove(seq)
+            seq.slot = self.place(seq, self.free) if self.place else self.free[0]
+            self.free.remove(seq.slot)
             self.running.append(seq)
+
+    def _follows(self, seq: Sequence) -> bool:
+        """seq's prompt begins with SHARED or more tokens that a running reader has yet to compute: it
+        waits (without holding back the sequences behind it) until they are in that reader's row, then
+        copies them (a batch of one prompt, a shared system prompt sent by many at once)."""
+        if not seq.req.cache_prompt or seq.req.prompt_logprobs:
+            return False
+        want = seq.req.prompt[:-1]
+        return any(r.reading and r.req.cache_prompt and common_prefix(r.req.prompt, want) - r.read >= SHARED
+                   for r in self.running)
 
     def _next_reader(self, readers: list[Sequence]) -> Sequence:
         starved = [s for s in readers if s.skipped >= self.max_skips]

@@ -65,6 +65,7 @@ class GenRequest:
     prompt_logprobs: bool = False  # logprob of each prompt token given the ones before (the first: None),
     # with the top `logprobs` alternatives of each when logprobs > 0
     timeout_s: float | None = None  # time limit from submit (queueing included) -> finish "timeout"
+    cache_prompt: bool = True  # start after the longest prefix of the prompt the KV pool holds (prefix_cache.py)
 
 
 @dataclass(eq=False)
@@ -76,7 +77,8 @@ class Sequence:
     rng: np.random.Generator = field(init=False)
     submitted: float = field(default_factory=time.perf_counter)
     slot: int = -1  # its row of the KV cache while running
-    read: int = 0  # prompt tokens through the model so far
+    read: int = 0  # prompt tokens through the model so far (a reused prefix included)
+    cached: int = 0  # prompt tokens reused from the KV pool rather than computed
     tokens: list[int] = field(default_factory=list)
     text: str = ""  # released so far
     pending: str = ""  # decoded, held back: it may start a stop string

@@ -43,6 +43,7 @@ checks prefill chunking and decode batching against Model.step bit for bit on th
 from __future__ import annotations
 
 import mmap
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -63,9 +64,42 @@ class Slots:
         self.capacity = min(capacity or a.max_seq_len, a.max_seq_len)  # tokens a slot holds at most
         self.pad_id = a.fill_id
         self.lengths = np.zeros(n_slots, np.int64)  # tokens in each slot's cache
+        self.ids = np.zeros((n_slots, self.capacity), np.int64)  # the tokens each slot holds: ids[s, :lengths[s]]
+        self.row_bytes_per_token = 2 * a.n_layers * a.n_kv_heads * a.head_dim * np.dtype(model.config.kv_dtype).itemsize
+        self.can_copy = True  # copy() and save()/load() between rows and host memory (not on a GPU's fused rows)
 
     def free(self, slot: int) -> None:
         self.lengths[slot] = 0
+
+    def release(self, slot: int) -> None:
+        """Free the slot and give back the memory its tokens took where the kind of slots can."""
+        self.free(slot)
+
+    def truncate(self, slot: int, n: int) -> None:
+        """Keep the slot's first n tokens (its cache continues after them)."""
+        if not 0 <= n <= self.lengths[slot]:
+            raise ValueError(f"slot {slot} holds {self.lengths[slot]} tokens, cannot keep {n}")
+        self.lengths[slot] = n
+
+    def held(self, slot: int) -> np.ndarray:
+        """The token ids slot's cache holds, in order (a view)."""
+        return self.ids[slot, :self.lengths[slot]]
+
+    def _record(self, slot: int, ids: np.ndarray) -> None:
+        at = int(self.lengths[slot])
+        self.ids[slot, at:at + len(ids)] = ids
+
+    def copy(self, src: int, dst: int, n: int) -> None:
+        """Make dst hold src's first n tokens (their keys and values copied, src unchanged)."""
+        self.load(dst, self.save(src, n))
+
+    def save(self, slot: int, n: int) -> "SavedPrefix":
+        """A host-memory copy of the slot's first n tokens' keys and values."""
+        raise NotImplementedError
+
+    def load(self, slot: int, saved: "SavedPrefix") -> None:
+        """Make slot hold a saved prefix."""
+        raise NotImplementedError
 
     def _check_prefill(self, slot: int, ids: Sequence[int]) -> np.ndarray:
         ids = np.asarray(ids, np.int64).reshape(1, -1)  # (1, S)
@@ -105,6 +139,7 @@ class FusedSlots(Slots):
         self.row_shape = (a.n_kv_heads, self.capacity, a.head_dim)
         self.device, self.device_id = model.provider.device, model.device_id
         self.on_cpu = self.device == "cpu"
+        self.can_copy = self.on_cpu
         shape = (n_slots, *self.row_shape)
         # On the CPU NumPy arrays over anonymous mmaps (tests can look inside); else device memory.
         self.buffers = [_zeros_4k(shape, self.dtype) if self.on_cpu else
@@ -121,6 +156,27 @@ class FusedSlots(Slots):
         for k in range(1, n_slots + 1):
             self._decode_bindings[k].bind_output(contract.LOGITS, "cpu", 0, np.float32, [k, 1, a.vocab_size],
                                                  self.step_logits.ctypes.data)
+
+    def save(self, slot: int, n: int) -> "SavedPrefix":
+        if not self.on_cpu:
+            raise NotImplementedError("rows on a GPU are not copied")
+        return SavedPrefix(self.ids[slot, :n].copy(), [np.array(b[slot, :, :n]) for b in self.buffers])
+
+    def load(self, slot: int, saved: "SavedPrefix") -> None:
+        if not self.on_cpu:
+            raise NotImplementedError("rows on a GPU are not copied")
+        n = len(saved.ids)
+        for buf, kv in zip(self.buffers, saved.kv):
+            buf[slot, :, :n] = kv
+        self.ids[slot, :n] = saved.ids
+        self.lengths[slot] = n
+
+    def release(self, slot: int) -> None:
+        """Free the slot and give its memory back to the system (its pages are zero again when next touched)."""
+        self.free(slot)
+        if self.on_cpu:
+            for buf in self.buffers:
+                _discard(buf, slot)
 
     def _ptr(self, buf) -> int:
         return buf.ctypes.data if self.on_cpu else buf.data_ptr()
@@ -150,6 +206,7 @@ class FusedSlots(Slots):
         total = int(self.lengths[slot]) + ids.shape[1]
         mask = np.ones((1, total), np.int64)  # width == S on the first chunk: GQA's "empty cache"
         binding = self._prefill_bindings[slot]
+        self._record(slot, ids[0])
         self._bind_feeds(binding, ids, mask)
         if self.model.keeps_logits:  # the head on the last position only, unless all are asked for
             binding.bind_ortvalue_input(contract.LOGITS_TO_KEEP, self._keep[all_logits])
@@ -171,6 +228,8 @@ class FusedSlots(Slots):
         binding = self._rows_bindings.get((first, n))
         if binding is None:
             binding = self._rows_bindings[(first, n)] = self._bind_rows(first, n)
+        for r, chunk in enumerate(chunks):
+            self._record(first + r, chunk)
         self._bind_feeds(binding, ids, mask)
         if self.model.keeps_logits:
             binding.bind_ortvalue_input(contract.LOGITS_TO_KEEP, self._keep[False])
@@ -195,6 +254,7 @@ class FusedSlots(Slots):
         self._bind_feeds(binding, ids, mask)
         self.model.session.run_with_iobinding(binding)
         rows = list(slots)
+        self.ids[rows, self.lengths[rows]] = tokens
         self.lengths[rows] += 1
         if rows == list(range(k)):
             return self.step_logits[:k, 0]  # (k, V), a view: valid until the next decode
@@ -216,8 +276,32 @@ class PortableSlots(Slots):
         super().free(slot)
         self.caches[slot] = self._new_cache()
 
+    release = free
+
+    def truncate(self, slot: int, n: int) -> None:
+        if n != self.lengths[slot]:
+            self.load(slot, self.save(slot, n))
+
+    def save(self, slot: int, n: int) -> "SavedPrefix":
+        past = self.caches[slot].past
+        host = [p.numpy() if isinstance(p, ort.OrtValue) else p for p in past]
+        return SavedPrefix(self.ids[slot, :n].copy(), [np.array(p[0, :, :n]) for p in host])
+
+    def load(self, slot: int, saved: "SavedPrefix") -> None:
+        n = len(saved.ids)
+        cache = self._new_cache()
+        past = [kv[None] for kv in saved.kv]
+        cache.past = [self.model._to_device(p) for p in past] if self.model.io_binding else past
+        cache.attention_mask = np.ones((1, n), np.int64)
+        cache.next_pos = np.array([n], np.int64)
+        cache.length = n
+        self.caches[slot] = cache
+        self.ids[slot, :n] = saved.ids
+        self.lengths[slot] = n
+
     def _run(self, slot: int, ids: np.ndarray, all_logits: bool = False) -> np.ndarray:
         """(S, V) with all_logits, else (1, V): the last position's logits."""
+        self._record(slot, ids[0])
         logits = self.model.step(ids, np.ones_like(ids), self.caches[slot], all_logits=all_logits)
         self.lengths[slot] += ids.shape[1]
         return logits[0] if all_logits else logits
@@ -228,6 +312,34 @@ class PortableSlots(Slots):
     def decode(self, slots: Sequence[int], tokens: Sequence[int]) -> np.ndarray:
         self._check_decode(slots, tokens)
         return np.concatenate([self._run(s, np.array([[t]], np.int64)) for s, t in zip(slots, tokens)])
+
+
+@dataclass
+class SavedPrefix:
+    """A prefix's token ids and each layer's keys and values for them [n_kv_heads, n, head_dim], in host memory."""
+
+    ids: np.ndarray
+    kv: list[np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.kv) + self.ids.nbytes
+
+
+def _discard(buf: np.ndarray, slot: int) -> None:
+    """madvise(MADV_REMOVE) the whole pages of a row of a _zeros_4k buffer: its memory goes back to the
+    system and reads as zeros when next touched (where the platform has it; elsewhere nothing happens)."""
+    mm = buf.base
+    while mm is not None and not isinstance(mm, mmap.mmap):
+        mm = mm.obj if isinstance(mm, memoryview) else getattr(mm, "base", None)
+    advice = getattr(mmap, "MADV_REMOVE", None)  # shared anonymous memory: MADV_REMOVE frees it (Linux)
+    if mm is None or advice is None:
+        return
+    row = buf[slot]
+    start = row.ctypes.data - buf.ctypes.data
+    lo, hi = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + row.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo:
+        mm.madvise(advice, lo, hi - lo)
 
 
 def _zeros_4k(shape: tuple, dtype: np.dtype) -> np.ndarray:

@@ -1,0 +1,107 @@
+"""Chat turns: one client, one conversation, the time to first token turn after turn, with prefix reuse
+and without it (`--no-prefix-cache`), through `llama2-onnx serve` over real HTTP on 127.0.0.1.
+
+    python -m llama2_onnx.benchmarks.chat_turns_bench [MODEL] [--turns 8] [--new-tokens 48] [--repeat 2] [--json]
+
+Each turn sends the whole conversation so far (as the chat page, LangChain and every OpenAI client
+do) plus a new user message, streamed, greedy, `--new-tokens` tokens at most, and records the time
+to the first streamed token and usage's prompt_tokens / cached_tokens. The servers run one after
+another, in the order on, off, on, off ... (`--repeat` pairs), each with the same threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .machine import cpu_model
+from .serve_bench import ServerProcess
+
+QUESTIONS = ["Tell me about the city of Paris.", "What are its most famous museums?", "And what about its food?",
+             "How do I get around the city?", "Which neighbourhoods should I visit?", "What is the best season to go?",
+             "Is it expensive to stay there?", "Give me a one-day plan."]
+
+
+def conversation(url: str, turns: int, new_tokens: int) -> list[dict]:
+    import httpx
+
+    messages, out = [], []
+    with httpx.Client(timeout=300) as client:
+        for k in range(turns):
+            messages.append({"role": "user", "content": QUESTIONS[k % len(QUESTIONS)]})
+            body = {"model": "m", "messages": messages, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            start, first, text, usage = time.perf_counter(), None, "", {}
+            with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+                r.raise_for_status()
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    for choice in chunk.get("choices", []):
+                        piece = choice.get("delta", {}).get("content") or ""
+                        if piece and first is None:
+                            first = time.perf_counter()
+                        text += piece
+            messages.append({"role": "assistant", "content": text})
+            details = usage.get("prompt_tokens_details") or {}
+            out.append({"ttft_ms": round(((first or time.perf_counter()) - start) * 1000, 1),
+                        "prompt_tokens": usage.get("prompt_tokens"), "cached_tokens": details.get("cached_tokens", 0),
+                        "text": text})
+    return out
+
+
+def run(model: Path | None, turns: int, new_tokens: int, repeat: int, threads: int | None) -> dict:
+    runs = []
+    for _ in range(repeat):
+        for cache in (True, False):
+            server = ServerProcess(model, max_batch=4, threads=threads)
+            if not cache:
+                server.cmd.append("--no-prefix-cache")
+            with server:
+                runs.append({"prefix_cache": cache, "turns": conversation(server.url, turns, new_tokens)})
+    same = all(r["turns"][k]["text"] == runs[0]["turns"][k]["text"] for r in runs for k in range(turns))
+    summary = {}
+    for cache in (True, False):
+        ttft = np.array([[t["ttft_ms"] for t in r["turns"]] for r in runs if r["prefix_cache"] == cache])
+        summary["on" if cache else "off"] = {"ttft_ms_median_per_turn": np.median(ttft, axis=0).round(1).tolist()}
+    last = turns - 1
+    summary["last_turn_ratio_off_over_on"] = round(summary["off"]["ttft_ms_median_per_turn"][last]
+                                                   / summary["on"]["ttft_ms_median_per_turn"][last], 2)
+    return {"cpu": cpu_model(), "date": time.strftime("%Y-%m-%d"), "turns": turns, "new_tokens": new_tokens,
+            "same_text_on_and_off": same, "summary": summary,
+            "prompt_tokens": [t["prompt_tokens"] for t in runs[0]["turns"]],
+            "cached_tokens": [t["cached_tokens"] for t in runs[0]["turns"]], "runs": runs}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="chat_turns_bench", description=__doc__.splitlines()[0])
+    p.add_argument("model", nargs="?", type=Path, default=None, help="model folder (default: the default model)")
+    p.add_argument("--turns", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=48)
+    p.add_argument("--repeat", type=int, default=2, help="pairs of servers (on, off) run one after another")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+    result = run(a.model, a.turns, a.new_tokens, a.repeat, a.threads)
+    if a.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(f"{result['cpu']}, {result['date']}: one conversation, {a.turns} turns, {a.new_tokens} new tokens each")
+    print("turn | prompt tokens | cached | TTFT ms, reuse on | off")
+    on, off = (result["summary"][k]["ttft_ms_median_per_turn"] for k in ("on", "off"))
+    for k in range(a.turns):
+        print(f"{k + 1} | {result['prompt_tokens'][k]} | {result['cached_tokens'][k]} | {on[k]} | {off[k]}")
+    print(f"last turn: off / on = {result['summary']['last_turn_ratio_off_over_on']}x; "
+          f"same text on and off: {result['same_text_on_and_off']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -31,9 +31,10 @@ def conversation(url: str, turns: int, new_tokens: int) -> list[dict]:
 
     messages, out = [], []
     with httpx.Client(timeout=300) as client:
+        model = client.get(url + "/v1/models").json()["data"][0]["id"]
         for k in range(turns):
             messages.append({"role": "user", "content": QUESTIONS[k % len(QUESTIONS)]})
-            body = {"model": "m", "messages": messages, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+            body = {"model": model, "messages": messages, "max_tokens": new_tokens, "temperature": 0, "stream": True,
                     "stream_options": {"include_usage": True}}
             start, first, text, usage = time.perf_counter(), None, "", {}
             with client.stream("POST", url + "/v1/chat/completions", json=body) as r:

@@ -12,7 +12,8 @@ p50/p99, per-token latency p50/p99 (the gaps between streamed tokens).
 
 Modes: `batching` (continuous batching, --max-batch 8) and `serial` (--max-batch 1: one
 request at a time, what Foundry Local does today). Both are the same server binary, so the
-ratio isolates the scheduler. `ray1` and `ray2` are the same app on Ray Serve
+ratio isolates the scheduler. `no-prefix-cache` is `batching` with `--no-prefix-cache` (its
+prompts share nothing, so it shows what prefix reuse costs where it cannot help). `ray1` and `ray2` are the same app on Ray Serve
 (`serve --ray --replicas N`, the `ray` extra; a local Ray instance, --threads per replica,
 by default the cores shared among the replicas); the added time per request is ray1 against
 batching at 1 client (`ray_overhead`). Every loop is bounded in count and time; the server is stopped
@@ -40,7 +41,8 @@ from llama2_onnx.errors import UserError
 from .machine import cpu_model
 from .prompts import TEXT
 
-MODES = {"batching": 8, "serial": 1, "ray1": 8, "ray2": 8}  # mode -> --max-batch
+MODES = {"batching": 8, "serial": 1, "ray1": 8, "ray2": 8, "no-prefix-cache": 8}  # mode -> --max-batch
+MODE_ARGS = {"no-prefix-cache": ["--no-prefix-cache"]}  # mode -> more `serve` arguments
 RAY_REPLICAS = {"ray1": 1, "ray2": 2}  # mode -> `serve --ray --replicas N`
 
 
@@ -87,13 +89,13 @@ class ServerProcess:
     """`llama2-onnx serve` in a child process on 127.0.0.1; stopped on exit from the with block."""
 
     def __init__(self, model: Path | None, max_batch: int, threads: int | None, startup_s: float = 300,
-                 replicas: int | None = None):
+                 replicas: int | None = None, extra: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cmd = [sys.executable, "-m", "llama2_onnx.cli", "serve", *([str(model)] if model else []),
                     "--host", "127.0.0.1", "--port", str(self.port), "--max-batch", str(max_batch), "--max-queue", "256",
                     *(["--threads", str(threads)] if threads else []),
-                    *(["--ray", "--replicas", str(replicas)] if replicas else [])]
+                    *(["--ray", "--replicas", str(replicas)] if replicas else []), *extra]
         self.startup_s = startup_s
         self.proc: subprocess.Popen | None = None
 
@@ -189,7 +191,8 @@ def run_serve_benchmark(*, model: Path | None, clients: list[int], modes: list[s
     words = max(1, int(prompt_len * 0.75))  # ~0.75 English words per token in these vocabularies
     rows, route_ms = [], {}
     for mode in modes:
-        with ServerProcess(model, MODES[mode], threads, replicas=RAY_REPLICAS.get(mode)) as server:
+        with ServerProcess(model, MODES[mode], threads, replicas=RAY_REPLICAS.get(mode),
+                           extra=tuple(MODE_ARGS.get(mode, ()))) as server:
             asyncio.run(closed_loop(server.url, mode, 1, 1, words, 8, timeout_s))  # warm-up
             route_ms[mode] = round(route_latency_ms(server.url), 2)
             for n in clients:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .prefix_cache import HOST_GB
 from .providers import CHOICES
 
 
@@ -17,6 +18,11 @@ def add_model_arguments(p) -> None:
                    help="leave the weights in 4 KB pages (default on Linux CPUs: moved into 2 MB pages after loading, ~5%% faster decoding)")
     p.add_argument("--check-hashes", action="store_true", default=None,
                    help="verify every file's sha256 against the manifest (done anyway on a folder's first load)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="read every prompt whole (default: a prompt that begins as an earlier one, such as the "
+                        "next turn of a chat, reuses the KV cache of that beginning)")
+    p.add_argument("--prefix-cache-gb", type=float, default=HOST_GB, metavar="GB",
+                   help=f"host memory for cached prefixes that lost their row of the KV cache (default {HOST_GB:g})")
 
 
 def add_sampling_arguments(p, max_new_tokens: int) -> None:
@@ -53,9 +59,14 @@ def open_generator(args):
         from llama2_onnx.errors import UserError
 
         raise UserError(f"--threads must be at least 1, got {args.threads}")
+    if not args.prefix_cache_gb >= 0:
+        from llama2_onnx.errors import UserError
+
+        raise UserError(f"--prefix-cache-gb must be >= 0, got {args.prefix_cache_gb}")
     return Generator.from_dir(model_folder(args), provider=args.provider, threads=args.threads,
                               io_binding=not args.no_io_binding, check_hashes=args.check_hashes,
-                              huge_pages=not args.no_huge_pages, max_batch=getattr(args, "max_batch", None))
+                              huge_pages=not args.no_huge_pages, max_batch=getattr(args, "max_batch", None),
+                              prefix_cache=not args.no_prefix_cache, prefix_cache_gb=args.prefix_cache_gb)
 
 
 def default_model() -> Path:

@@ -295,6 +295,9 @@ class Engine:
 
     def _decode(self, seqs: list[Sequence]) -> None:
         """One token for every seq (their last sampled tokens), in one batched step."""
+        if self.pool.parked:
+            with self._cond:
+                self.pool.tidy(max(s.slot for s in seqs) + 1)
         try:
             logits = self.slots.decode([s.slot for s in seqs], [s.tokens[-1] for s in seqs])  # (n, V)
         except Exception as e:

@@ -31,6 +31,7 @@ from llama2_onnx.errors import UserError
 
 from .chat_format import CHAT_FORMATS, Dialog, format_dialog
 from .engine import ERROR, Engine, FinishEvent, GenRequest, Handle, TokenEvent
+from .prefix_cache import HOST_GB
 from .sampler import MAX_SEED, SamplingParams, make_rng
 from .request import sampling, token_budget
 from .sequence import LENGTH, stop_strings
@@ -144,7 +145,7 @@ class _Run:
 
 class Generator:
     def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int | None = None, context: int | None = None,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, prefix_cache_gb: float = HOST_GB):
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
         self.args = cfg.model
@@ -153,19 +154,20 @@ class Generator:
         # one engine for every call; its thread starts with the first
         rows = max_batch or MAX_BATCH.get(model.provider.name, OTHER_MAX_BATCH)
         self.engine = Engine(model, tokenizer, self.stop_ids(), max_batch=rows, max_queue=1 << 30, context=context,
-                             prefix_cache=prefix_cache)
+                             prefix_cache=prefix_cache, prefix_cache_gb=prefix_cache_gb)
         weakref.finalize(self, self.engine.close)  # a dropped Generator stops its engine's thread
 
     @classmethod
     def from_dir(cls, path: str | Path, progress=None, max_batch: int | None = None, context: int | None = None,
-                 prefix_cache: bool = True, **model_kwargs) -> "Generator":
+                 prefix_cache: bool = True, prefix_cache_gb: float = HOST_GB, **model_kwargs) -> "Generator":
         """Open a model folder: Model.from_dir(path, progress=progress, **model_kwargs) plus its tokenizer.
 
         progress(stage, done, total), if given, is called as each of session.LOAD_STAGES begins
         (done = stages finished) and once more as ("ready", total, total). max_batch: the engine's rows
         (default 4 on the CPU, 1 on a GPU); context: the tokens a row holds, prompt and answer (default
         and cap: the model's); prefix_cache: a prompt that begins as an earlier one (the next turn of a
-        chat) reads only what is new (runtime/prefix_cache.py)."""
+        chat) reads only what is new, with prefix_cache_gb of host memory for prefixes that lose their
+        row (runtime/prefix_cache.py)."""
         model = Model.from_dir(path, progress=progress, **model_kwargs)
         if not model.config.tokenizer:
             raise UserError(f"{path} has no tokenizer; export it again with --tokenizer PATH")
@@ -174,7 +176,8 @@ class Generator:
         tok = load_tokenizer(model.folder, bos_id=model.config.model.bos_id, eos_id=model.config.model.eos_id)
         if progress:
             progress("ready", len(LOAD_STAGES), len(LOAD_STAGES))
-        return cls(model, tok, max_batch=max_batch, context=context, prefix_cache=prefix_cache)
+        return cls(model, tok, max_batch=max_batch, context=context, prefix_cache=prefix_cache,
+                   prefix_cache_gb=prefix_cache_gb)
 
     def stop_ids(self) -> set[int]:
         """The tokens that end a generation: EOS (and the checkpoint's other end ids) + the chat format's."""

@@ -64,7 +64,7 @@ class PrefixCache:
     def __init__(self, slots: Slots, enabled: bool = True, host_gb: float = HOST_GB):
         if host_gb < 0:
             raise ValueError(f"host_gb must be >= 0, got {host_gb}")
-        self.slots, self.enabled = slots, enabled
+        self.slots, self.enabled, self.host_gb = slots, enabled, host_gb
         self.host_limit = int(host_gb * 2**30) if enabled and slots.can_copy else 0
         self.used = np.zeros(slots.n_slots, np.int64)  # when each row was last taken or parked
         self.parked = set()  # free rows that hold tokens
@@ -115,6 +115,16 @@ class PrefixCache:
         self.parked.add(row)
         self._clock += 1
         self.used[row] = self._clock
+
+    def tidy(self, span: int) -> None:
+        """A decode step is about to span rows [0, span): a parked row there would cost the step attention
+        over all its tokens (GQA reads every row it is given), so each one that host memory can hold
+        moves there and its row is emptied. One that cannot stays: dropping it would cost recomputing it."""
+        for row in sorted(r for r in self.parked if r < span):
+            if self.slots.lengths[row] * self.slots.row_bytes_per_token <= self.host_limit:
+                self.parked.discard(row)
+                self._keep_on_host(row)
+                self.slots.release(row)
 
     def _took(self, row: int) -> int:
         self._clock += 1

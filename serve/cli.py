@@ -113,6 +113,8 @@ def _check(args) -> None:
         value = getattr(args, name)
         if value is not None and not value > 0:
             raise UserError(f"--{name.replace('_', '-')} must be > 0 seconds, got {value}")
+    if not args.prefix_cache_gb >= 0:
+        raise UserError(f"--prefix-cache-gb must be >= 0, got {args.prefix_cache_gb}")
     if not args.grace >= 0:
         raise UserError(f"--grace must be >= 0 seconds, got {args.grace}")
     if args.threads is not None and args.threads < 1:

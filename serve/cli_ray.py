@@ -119,7 +119,8 @@ def run_ray(args, api_key: str | None, allowed_hosts: tuple[str, ...] | None = (
                              cors_origins=tuple(args.cors_origin), metrics=args.metrics, max_body=args.max_body,
                              web=not args.no_web, check_hashes=args.check_hashes, huge_pages=not args.no_huge_pages,
                              io_binding=not args.no_io_binding, read_timeout_s=args.read_timeout,
-                             allowed_hosts=allowed_hosts, grace_s=args.grace)
+                             allowed_hosts=allowed_hosts, grace_s=args.grace, prefix_cache=not args.no_prefix_cache,
+                             prefix_cache_gb=args.prefix_cache_gb)
     port = args.port or _free_port(args.host)
     local = args.ray_address is None
     if local:

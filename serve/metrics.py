@@ -44,6 +44,7 @@ class Metrics:
     def __init__(self):
         self.requests: Counter[tuple[str, int]] = Counter()  # (route, status) -> count
         self.prompt_tokens = 0
+        self.cached_tokens = 0  # of prompt_tokens, reused from the KV cache rather than computed
         self.generated_tokens = 0
         self.finished: Counter[str] = Counter()  # finish reason -> count
         self.ttft = Histogram()  # seconds from admission to the first token
@@ -52,9 +53,11 @@ class Metrics:
     def request(self, route: str, status: int) -> None:
         self.requests[(route, status)] += 1
 
-    def finish(self, reason: str, prompt_tokens: int, completion_tokens: int, ttft_s: float) -> None:
+    def finish(self, reason: str, prompt_tokens: int, completion_tokens: int, ttft_s: float,
+               cached_tokens: int = 0) -> None:
         self.finished[reason] += 1
         self.prompt_tokens += prompt_tokens
+        self.cached_tokens += cached_tokens
         self.generated_tokens += completion_tokens
         if completion_tokens and ttft_s:  # a request the server ended (shutdown) has no measured TTFT
             self.ttft.observe(ttft_s)
@@ -71,6 +74,10 @@ class Metrics:
         family("finished_total", "counter", "generations finished, by reason",
                [f'finished_total{{reason="{r}"}} {n}' for r, n in sorted(self.finished.items())])
         family("prompt_tokens_total", "counter", "prompt tokens processed", [f"prompt_tokens_total {self.prompt_tokens}"])
+        family("prompt_tokens_computed_total", "counter", "prompt tokens run through the model",
+               [f"prompt_tokens_computed_total {self.prompt_tokens - self.cached_tokens}"])
+        family("prompt_tokens_cached_total", "counter", "prompt tokens whose KV cache was reused (prefix cache)",
+               [f"prompt_tokens_cached_total {self.cached_tokens}"])
         family("generation_tokens_total", "counter", "tokens generated", [f"generation_tokens_total {self.generated_tokens}"])
         family("time_to_first_token_seconds", "histogram", "time from admission to a request's first token",
                self.ttft.lines("time_to_first_token_seconds"))

@@ -47,7 +47,9 @@ def _stream_error(event: FinishEvent, timeout_s: float | None) -> dict | None:
 def _usage(finished: list[FinishEvent]) -> dict:
     p = sum(f.prompt_tokens for f in finished)
     c = sum(f.completion_tokens for f in finished)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    cached = sum(f.cached_tokens for f in finished)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 # ---- logprobs shapes ------------------------------------------------------------------------

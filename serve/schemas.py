@@ -12,7 +12,7 @@ OpenAI fields implemented (chat and completions): model, max_tokens, max_complet
 (chat), temperature, top_p, stop, seed, stream, stream_options.include_usage, n (1 only),
 logprobs/top_logprobs (chat), logprobs as an integer and echo (completions); `user` is accepted
 and ignored (it only tags a request for abuse tracking). Extensions, as vLLM and llama-server
-name them: top_k, repetition_penalty. frequency_penalty and presence_penalty of 0 and an empty
+name them: top_k, repetition_penalty, cache_prompt. frequency_penalty and presence_penalty of 0 and an empty
 logit_bias are accepted as the no-ops they are (chat front ends such as Open WebUI and LibreChat
 send them with every request); any other value of those is a 400 naming the field and what to use
 instead. Everything else (tools, ...) is a 400.
@@ -65,6 +65,8 @@ class Sampling(Strict):
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0, description="extension: keep the k most likely tokens (0 = off)")
     repetition_penalty: float | None = Field(None, gt=0, le=10, description="extension: > 1 discourages repeats")
+    cache_prompt: bool = Field(True, description="extension (llama-server's): false reads the whole prompt "
+                                                 "instead of reusing the KV cache of a prefix already read")
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool | None = False

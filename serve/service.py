@@ -62,7 +62,8 @@ class Service:
                        timeout_s: float | None = None, metrics: Metrics | None = None) -> "Service":
         engine = gen.engine  # one engine: the generator's, when its rows are the ones asked for
         if engine.max_batch != max_batch:
-            engine = Engine.from_generator(gen, max_batch=max_batch, max_queue=max_queue)
+            engine = Engine.from_generator(gen, max_batch=max_batch, max_queue=max_queue, context=engine.context,
+                                           prefix_cache=engine.pool.enabled, prefix_cache_gb=engine.pool.host_gb)
         engine.max_queue = max_queue
         engine.start()
         return cls(gen, engine, model_id=model_id, timeout_s=timeout_s, metrics=metrics)
@@ -120,9 +121,10 @@ class Service:
 
     def make_request(self, ids: list[int], max_tokens: int, params: SamplingParams, *, seed: int | None = None,
                      stop: tuple[str, ...] = (), logprobs: int | None = None,
-                     prompt_logprobs: bool = False) -> GenRequest:
+                     prompt_logprobs: bool = False, cache_prompt: bool = True) -> GenRequest:
         return GenRequest(prompt=tuple(ids), max_tokens=max_tokens, params=params, seed=seed, stop=stop,
-                          logprobs=logprobs, prompt_logprobs=prompt_logprobs, timeout_s=self.timeout_s)
+                          logprobs=logprobs, prompt_logprobs=prompt_logprobs, timeout_s=self.timeout_s,
+                          cache_prompt=cache_prompt)
 
     def chat_request(self, req: ChatCompletionRequest) -> GenRequest:
         """OpenAI defaults: temperature 1, top_p 1; without max_tokens, up to the end of the context."""
@@ -131,7 +133,7 @@ class Service:
         limit = req.limit
         n = self.budget(len(ids), limit, explicit=limit is not None, param="messages")
         return self.make_request(ids, n, _sampling(req), seed=req.seed, stop=req.stops,
-                                 logprobs=(req.top_logprobs or 0) if req.logprobs else None)
+                                 logprobs=(req.top_logprobs or 0) if req.logprobs else None, cache_prompt=req.cache_prompt)
 
     def completion_requests(self, req: CompletionRequest) -> list[tuple[str, GenRequest]]:
         """(prompt text, engine request) per prompt; max_tokens 16 unless given (OpenAI's default)."""
@@ -145,7 +147,7 @@ class Service:
             ids = self.prompt_ids(prompt, param)
             n = self.budget(len(ids), asked, explicit=explicit, param=param)
             out.append((prompt, self.make_request(ids, n, params, seed=req.seed, stop=req.stops, logprobs=req.logprobs,
-                                                  prompt_logprobs=echo_logprobs)))
+                                                  prompt_logprobs=echo_logprobs, cache_prompt=req.cache_prompt)))
         return out
 
     def lead_space(self, first_token: int | None, text: str) -> str:
@@ -254,7 +256,8 @@ class RunGroup:
                     continue  # the engine's own finish after end(), or end()'s after the engine's
                 if isinstance(event, FinishEvent):
                     self.finished[index] = event
-                    metrics.finish(event.reason, event.prompt_tokens, event.completion_tokens, event.ttft_s)
+                    metrics.finish(event.reason, event.prompt_tokens, event.completion_tokens, event.ttft_s,
+                                   event.cached_tokens)
                 else:
                     if self.tokens[index]:
                         metrics.token_latency.observe(now - self._last[index])

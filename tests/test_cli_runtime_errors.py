@@ -54,6 +54,7 @@ CASES = {
     "chat seed -1": ((*CHAT, "--seed", "-1"), b"hi\n", None, "seed must be an integer"),
     "empty stop string": ((*GEN, "--stop", ""), None, None, "stop strings"),
     "top-p 0": ((*GEN, "--top-p", "0"), None, None, "top_p"),
+    "prefix cache -1 GB": ((*GEN, "--prefix-cache-gb", "-1"), None, None, "--prefix-cache-gb must be >= 0"),
     "empty manifest": (GEN, None, _manifest(lambda m: {"files": {}}), "does not list model.onnx"),
     "manifest without the data file": (GEN, None, _manifest(lambda m: {"files": {k: v for k, v in m["files"].items()
                                                                                if k != "model.onnx.data"}}), "does not list"),

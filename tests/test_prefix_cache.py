@@ -254,3 +254,20 @@ def test_a_second_copy_of_a_prompt_waits_for_the_first():
     off.add(e)
     off.schedule()
     assert e.slot >= 0  # opted out: it does not wait
+
+
+def test_parked_rows_leave_a_decode_steps_span(tiny_onnx_ort):
+    """A conversation parked in row 0 while row 1 decodes would cost every step attention over its
+    tokens: it moves to host memory (and comes back from there on its next turn)."""
+    g = Generator.from_dir(tiny_onnx_ort, provider="cpu", max_batch=2)
+    try:
+        first = prompt(g, "Row zero holds this conversation about the weather in the mountains today")
+        a = g.generate_ids([first], 6, GREEDY)[0]
+        assert g.engine.stats()["parked_rows"] == 1 and g.engine.slots.lengths[0] > 0
+        stream = g.stream_ids(prompt(g, "Something else entirely, a new user with a new question"), max_new_tokens=30)
+        assert "".join(stream)  # took row 1 (row 0 is parked, row 1 was empty), decoding in a span of 2 rows
+        assert g.engine.slots.lengths[0] == 0 and g.engine.stats()["host_prefixes"] >= 1
+        again = g.generate_ids([first + a.tokens + prompt(g, "and tomorrow?")[1:]], 4, GREEDY)[0]
+        assert again.cached_tokens == len(first) + len(a.tokens) - 1
+    finally:
+        g.close()

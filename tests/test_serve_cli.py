@@ -47,7 +47,8 @@ def test_serve_prints_its_url_and_serves(tiny_onnx_ort, tmp_path):
 @pytest.mark.parametrize("args", [["--max-batch", "0"], ["--port", "70000"], ["--timeout", "0"],
                                   ["--api-key", "a", "--api-key-file", "f"], ["--max-queue", "-1"],
                                   ["--max-connections", "0"], ["--read-timeout", "0"], ["--keep-alive", "-1"],
-                                  ["--grace", "-1"], ["--grace", "nan"]])
+                                  ["--grace", "-1"], ["--grace", "nan"], ["--prefix-cache-gb", "-0.5"],
+                                  ["--prefix-cache-gb", "nan"]])
 def test_bad_arguments_one_line_exit_2(tiny_onnx_ort, args):
     r = subprocess.run(serve_cmd(str(tiny_onnx_ort), *args), capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -53,6 +53,9 @@ from . import contract
 from .session import Model, logits_to_keep
 
 
+RESIDENT = 1024  # positions of a released row kept in memory (a typical request's; the rest goes back)
+
+
 class Slots:
     """What both kinds share: per-slot lengths and the checks of the caller's requests."""
 
@@ -172,11 +175,12 @@ class FusedSlots(Slots):
         self.lengths[slot] = n
 
     def release(self, slot: int) -> None:
-        """Free the slot and give its memory back to the system (its pages are zero again when next touched)."""
+        """Free the slot and give back the memory of its positions past RESIDENT (zero pages again when
+        next touched): a long conversation's memory returns, a typical request's stays mapped."""
         self.free(slot)
         if self.on_cpu:
             for buf in self.buffers:
-                _discard(buf, slot)
+                _discard(buf, slot, RESIDENT)
 
     def _ptr(self, buf) -> int:
         return buf.ctypes.data if self.on_cpu else buf.data_ptr()
@@ -326,20 +330,23 @@ class SavedPrefix:
         return sum(a.nbytes for a in self.kv) + self.ids.nbytes
 
 
-def _discard(buf: np.ndarray, slot: int) -> None:
-    """madvise(MADV_REMOVE) the whole pages of a row of a _zeros_4k buffer: its memory goes back to the
-    system and reads as zeros when next touched (where the platform has it; elsewhere nothing happens)."""
+def _discard(buf: np.ndarray, slot: int, keep: int) -> None:
+    """madvise(MADV_REMOVE) the whole pages of a row of a _zeros_4k buffer [slots, heads, capacity, dim]
+    past its first `keep` positions in every head: that memory goes back to the system and reads as
+    zeros when next touched (where the platform has it; elsewhere nothing happens)."""
     mm = buf.base
     while mm is not None and not isinstance(mm, mmap.mmap):
         mm = mm.obj if isinstance(mm, memoryview) else getattr(mm, "base", None)
     advice = getattr(mmap, "MADV_REMOVE", None)  # shared anonymous memory: MADV_REMOVE frees it (Linux)
     if mm is None or advice is None:
         return
-    row = buf[slot]
-    start = row.ctypes.data - buf.ctypes.data
-    lo, hi = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, (start + row.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
-    if hi > lo:
-        mm.madvise(advice, lo, hi - lo)
+    page = mmap.PAGESIZE
+    for head in buf[slot]:
+        tail = head[keep:]
+        start = tail.ctypes.data - buf.ctypes.data
+        lo, hi = -(-start // page) * page, (start + tail.nbytes) // page * page
+        if hi > lo:
+            mm.madvise(advice, lo, hi - lo)
 
 
 def _zeros_4k(shape: tuple, dtype: np.dtype) -> np.ndarray:

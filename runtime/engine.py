@@ -46,6 +46,7 @@ import numpy as np
 from llama2_onnx.errors import UserError
 
 from .events import EngineClosed, Event, FinishEvent, QueueFull, RequestError, TokenEvent
+from .grammar import GrammarError, Grammars
 from .logprobs import log_softmax, top_logprobs
 from .sampler import SamplingError, make_rng, sample
 from .prefix_cache import HOST_GB, PrefixCache
@@ -117,6 +118,7 @@ class Engine:
         self.context = self.slots.capacity
         self.vocab_size = model.config.model.vocab_size
         self.clients: dict[Sequence, _Client] = {}
+        self.grammars = Grammars(tokenizer, self.stop_ids)  # llguidance, imported on the first grammar
         self.counts: Counter = Counter()  # steps, prefill_chunks, tokens, finished by reason
         self._cond = threading.Condition()  # guards the scheduler's queues and clients (submit runs on other threads)
         self._thread: threading.Thread | None = None
@@ -157,6 +159,11 @@ class Engine:
         self._check(req)
         seq = Sequence.of(req, self.stop_ids, self.tokenizer, self.context)
         seq.credit = credit
+        if req.grammar is not None:  # compiled here, on the caller's thread (cached per grammar)
+            try:
+                seq.constraint = self.grammars.compile(req.grammar).matcher()
+            except GrammarError as e:
+                raise RequestError(str(e)) from None
         handle = Handle(self, seq)
         with self._cond:
             if self._closing:
@@ -318,11 +325,19 @@ class Engine:
                 self._finish(seq, LENGTH)
                 continue
             req = seq.req
-            tok = int(sample(row[None, :], req.params, seq.rng, prev_tokens=seq.history)[0])
+            allowed = row if seq.constraint is None else seq.constraint.masked(row)  # logprobs stay the raw row's
+            tok = int(sample(allowed[None, :], req.params, seq.rng, prev_tokens=seq.history)[0])
             text, done = seq.append(tok)
             if tok in seq.stop_ids:
                 self._finish(seq)
                 continue
+            if seq.constraint is not None:
+                try:
+                    if seq.constraint.advance(tok) and not done:  # the grammar is complete: nothing may follow
+                        done, seq.finish_reason = True, STOP
+                except GrammarError as e:
+                    self._finish(seq, ERROR, error=str(e))
+                    continue
             self.counts["generated_tokens"] += 1
             lp = top = None
             if req.logprobs is not None:

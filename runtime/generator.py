@@ -31,6 +31,7 @@ from llama2_onnx.errors import UserError
 
 from .chat_format import CHAT_FORMATS, Dialog, format_dialog
 from .engine import ERROR, Engine, FinishEvent, GenRequest, Handle, TokenEvent
+from .grammar import grammar_of
 from .prefix_cache import HOST_GB
 from .sampler import MAX_SEED, SamplingParams, make_rng
 from .request import sampling, token_budget
@@ -199,17 +200,20 @@ class Generator:
     def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
                  stop: str | Sequence[str] = (), logprobs: bool = False,
-                 prompt_logprobs: bool = False) -> GenerationResult | list[GenerationResult]:
+                 prompt_logprobs: bool = False, response_format=None) -> GenerationResult | list[GenerationResult]:
         """Continue one prompt (returns a result) or a batch (returns a list; row i samples with seed + i).
 
         logprobs: each result carries its tokens' logprobs (log-softmax of the raw logits, before
         temperature, top-k, top-p and the penalty); prompt_logprobs: its prompt's as well (each
-        token given those before it; the first, with nothing before it, 0.0 as in Meta's echo)."""
+        token given those before it; the first, with nothing before it, 0.0 as in Meta's echo).
+        response_format: the output keeps to a grammar (runtime/grammar.py): a Grammar, or OpenAI's
+        {"type": "json_object"} / {"type": "json_schema", "json_schema": {"schema": {...}}}."""
         single = isinstance(prompts, str)
         ids = [self.encode_prompt(p) for p in ([prompts] if single else prompts)]
         params = sampling("generator", temperature=temperature, top_p=top_p, top_k=top_k,
                           repetition_penalty=repetition_penalty)
-        results = self.generate_ids(ids, max_new_tokens, params, seed, stop, logprobs, prompt_logprobs)
+        results = self.generate_ids(ids, max_new_tokens, params, seed, stop, logprobs, prompt_logprobs,
+                                    response_format=response_format)
         return results[0] if single else results
 
     def stream(self, prompt: str, **kwargs) -> TextStream:
@@ -218,11 +222,13 @@ class Generator:
 
     def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
                    top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
-                   stop: str | Sequence[str] = (), logprobs: bool = False, prompt_logprobs: bool = False) -> TextStream:
+                   stop: str | Sequence[str] = (), logprobs: bool = False, prompt_logprobs: bool = False,
+                   response_format=None) -> TextStream:
         """stream() for a prompt already encoded (BOS or chat format applied)."""
         params = sampling("generator", temperature=temperature, top_p=top_p, top_k=top_k,
                           repetition_penalty=repetition_penalty)
-        requests = self._requests([list(prompt_ids)], max_new_tokens, params, seed, stop, logprobs, prompt_logprobs)
+        requests = self._requests([list(prompt_ids)], max_new_tokens, params, seed, stop, logprobs, prompt_logprobs,
+                                  response_format)
         results: list[GenerationResult] = []
         runs: list[_Run] = []  # submitted on the first next(): a stream never iterated holds no row
 
@@ -256,12 +262,13 @@ class Generator:
 
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int | Sequence[int], params: SamplingParams,
                      seed: int | None = None, stop: str | Sequence[str] = (), logprobs: bool = False,
-                     prompt_logprobs: bool = False) -> list[GenerationResult]:
+                     prompt_logprobs: bool = False, response_format=None) -> list[GenerationResult]:
         """Generate from token-id prompts; one result per prompt (row i samples with seed + i).
 
         max_new_tokens: one limit for all rows, or one per row (0 allowed: that row's prompt is
         only scored); each row is also capped by the context its own prompt leaves."""
-        requests = self._requests(prompts, max_new_tokens, params, seed, stop, logprobs, prompt_logprobs)
+        requests = self._requests(prompts, max_new_tokens, params, seed, stop, logprobs, prompt_logprobs,
+                                  response_format)
         results: list[GenerationResult | None] = [None] * len(prompts)
         submit = [r for r in requests if r is not None]
         if submit:
@@ -275,11 +282,14 @@ class Generator:
 
     # ---- requests and their events ---------------------------------------------------------
     def _requests(self, prompts, max_new_tokens, params: SamplingParams, seed, stop, logprobs: bool,
-                  prompt_logprobs: bool) -> list[GenRequest | None]:
+                  prompt_logprobs: bool, response_format=None) -> list[GenRequest | None]:
         """One engine request per prompt (None: a row with nothing to do), every limit checked here."""
         if not prompts or any(not p for p in prompts):
             raise UserError("the prompt is empty; give some text to continue")
         stops = tuple(stop_strings(stop))
+        grammar = grammar_of(response_format)
+        if grammar is not None:
+            self.engine.grammars.compile(grammar)  # a bad grammar is one line before anything runs
         make_rng(seed)  # a bad seed is one line before anything runs
         budgets = self._budgets(prompts, max_new_tokens, prompt_logprobs)
         out = []
@@ -288,7 +298,7 @@ class Generator:
             if b == 0 and not prompt_logprobs:
                 out.append(None)
                 continue
-            out.append(GenRequest(tuple(int(t) for t in p), b, params, seed=row_seed, stop=stops,
+            out.append(GenRequest(tuple(int(t) for t in p), b, params, seed=row_seed, stop=stops, grammar=grammar,
                                   logprobs=0 if logprobs else None, prompt_logprobs=prompt_logprobs))
         return out
 

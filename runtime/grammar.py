@@ -39,6 +39,10 @@ from .token_bytes import spm_piece_bytes
 from .tokenizer import Tokenizer
 
 KINDS = ("json_schema", "json_object", "regex", "lark", "gbnf")
+# JSON's whitespace as llama.cpp's schema grammars allow it: around a separator, nothing, one space, or a
+# newline and up to 20 spaces or tabs of indent (llguidance's default, any run of whitespace, lets a small
+# model pad forever); keywords llguidance does not implement (format, ...) are ignored rather than refused
+JSON_OPTIONS = {"whitespace_flexible": True, "whitespace_pattern": r"(?:\x20|\n[\x20\t]{0,20})?", "lenient": True}
 
 
 class GrammarError(UserError):
@@ -53,7 +57,9 @@ class Grammar:
     text: str = ""
 
     @classmethod
-    def json_schema(cls, schema: dict | str) -> "Grammar":
+    def json_schema(cls, schema: dict | str, strict: bool = False) -> "Grammar":
+        """strict (OpenAI's strict mode): every object without additionalProperties gets false, so the
+        output has exactly the properties the schema names."""
         if isinstance(schema, str):
             try:
                 schema = json.loads(schema)
@@ -61,7 +67,7 @@ class Grammar:
                 raise GrammarError(f"the JSON schema is not JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(schema, dict):
             raise GrammarError(f"a JSON schema is a JSON object, got {type(schema).__name__}")
-        return cls("json_schema", json.dumps(schema, sort_keys=True))
+        return cls("json_schema", json.dumps(_closed(schema) if strict else schema, sort_keys=True))
 
     @classmethod
     def json_object(cls) -> "Grammar":
@@ -78,6 +84,38 @@ class Grammar:
     @classmethod
     def gbnf(cls, text: str) -> "Grammar":
         return cls("gbnf", text)
+
+
+def _closed(schema):
+    """The schema with additionalProperties false on every object that does not say (strict mode)."""
+    if isinstance(schema, list):
+        return [_closed(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if (out.get("type") == "object" or "properties" in out) and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def grammar_of(response_format) -> Grammar | None:
+    """The Python API's response_format: a Grammar, or OpenAI's dict ({"type": "json_object"},
+    {"type": "json_schema", "json_schema": {"schema": {...}}}, {"type": "text"}), or None."""
+    if response_format is None or isinstance(response_format, Grammar):
+        return response_format
+    if not isinstance(response_format, dict) or response_format.get("type") not in ("text", "json_object", "json_schema"):
+        raise GrammarError('response_format must be a Grammar or a dict with "type" text, json_object or json_schema, '
+                           f"got {str(response_format)[:80]}")
+    kind = response_format["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Grammar.json_object()
+    spec = response_format.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if schema is None:
+        raise GrammarError('response_format {"type": "json_schema"} needs "json_schema": {"schema": {...}}')
+    return Grammar.json_schema(schema, strict=bool(spec.get("strict")))
 
 
 def _llguidance():
@@ -125,9 +163,9 @@ class Grammars:
         M = lg.LLMatcher
         try:
             if spec.kind == "json_schema":
-                text = M.grammar_from_json_schema(spec.text)
+                text = M.grammar_from_json_schema(spec.text, defaults=JSON_OPTIONS)
             elif spec.kind == "json_object":
-                text = M.grammar_from_json_schema({"type": "object"})
+                text = M.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
             elif spec.kind == "regex":
                 text = M.grammar_from_regex(spec.text)
             elif spec.kind == "lark":
@@ -190,14 +228,18 @@ class _SpmVocabulary:
         self._tokenizer = tokenizer
 
     def __call__(self, text: str | bytes) -> list[int]:
+        """text's tokens as a piece in the middle of a text: without the word-start space SentencePiece
+        puts before a text's first piece (encoded after a newline, whose own tokens are dropped)."""
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
-        return self._tokenizer.encode(text, bos=False, eos=False)
+        lead = self._tokenizer.encode("\n", bos=False, eos=False)
+        ids = self._tokenizer.encode("\n" + text, bos=False, eos=False)
+        return ids[len(lead):] if ids[:len(lead)] == lead else self._tokenizer.encode(text, bos=False, eos=False)
 
 
 def _optional_space(text: str) -> str:
     """The grammar behind an optional leading space (SentencePiece's word-start on the first piece)."""
-    d = json.loads(text)
+    d = json.loads(text) if text.lstrip().startswith("{") else {"grammars": [{"lark_grammar": text}]}  # JSON or Lark
     body = d["grammars"][0]
     body["name"] = "body"
     d["grammars"] = [{"name": "start_space", "lark_grammar": 'start: " "? @body'}] + d["grammars"]

@@ -24,6 +24,7 @@ import numpy as np
 
 from llama2_onnx.errors import UserError
 
+from .grammar import Constraint, Grammar
 from .sampler import SamplingParams, make_rng
 from .tokenizer import StreamDecoder, Tokenizer
 
@@ -66,6 +67,7 @@ class GenRequest:
     # with the top `logprobs` alternatives of each when logprobs > 0
     timeout_s: float | None = None  # time limit from submit (queueing included) -> finish "timeout"
     cache_prompt: bool = True  # start after the longest prefix of the prompt the KV pool holds (prefix_cache.py)
+    grammar: Grammar | None = None  # constrained decoding: the output keeps to it (runtime/grammar.py)
 
 
 @dataclass(eq=False)
@@ -90,6 +92,7 @@ class Sequence:
     seen: set[int] | None = None  # ids in prompt + output, kept as they come (the repetition penalty's)
     credit: int | None = None  # decode steps the reader has asked for (None: no limit; a pulled stream's)
     cut: bool = False  # a stop string was hit: what follows it is dropped, not released at the finish
+    constraint: Constraint | None = None  # the grammar's state (req.grammar), made at submit
 
     def __post_init__(self) -> None:
         self.rng = make_rng(self.req.seed)  # the same seed, the same draws, wherever it runs

@@ -12,10 +12,11 @@ OpenAI fields implemented (chat and completions): model, max_tokens, max_complet
 (chat), temperature, top_p, stop, seed, stream, stream_options.include_usage, n (1 only),
 logprobs/top_logprobs (chat), logprobs as an integer and echo (completions); `user` is accepted
 and ignored (it only tags a request for abuse tracking). Extensions, as vLLM and llama-server
-name them: top_k, repetition_penalty, cache_prompt. frequency_penalty and presence_penalty of 0 and an empty
+name them: top_k, repetition_penalty, cache_prompt, json_schema and grammar (GBNF).
+response_format (json_object, json_schema) constrains the output (runtime/grammar.py). frequency_penalty and presence_penalty of 0 and an empty
 logit_bias are accepted as the no-ops they are (chat front ends such as Open WebUI and LibreChat
 send them with every request); any other value of those is a 400 naming the field and what to use
-instead. Everything else (tools, ...) is a 400.
+instead. Everything else is a 400.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llama2_onnx.errors import UserError
+from llama2_onnx.runtime.grammar import Grammar
 from llama2_onnx.runtime.sequence import stop_strings
 
 from .errors import APIError, ParamError, bad_request, from_validation
@@ -57,6 +59,26 @@ def _check_stop(stop: str | list[str] | None) -> tuple[str, ...]:
     return tuple(stops)
 
 
+class JsonSchemaFormat(Strict):
+    name: str = Field("response", max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self):
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError('type "json_schema" needs "json_schema": {"name": ..., "schema": {...}}')
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f'"json_schema" goes with type "json_schema", not {self.type!r}')
+        return self
+
+
 class Sampling(Strict):
     """The fields both OpenAI routes share."""
 
@@ -67,6 +89,9 @@ class Sampling(Strict):
     repetition_penalty: float | None = Field(None, gt=0, le=10, description="extension: > 1 discourages repeats")
     cache_prompt: bool = Field(True, description="extension (llama-server's): false reads the whole prompt "
                                                  "instead of reusing the KV cache of a prefix already read")
+    response_format: ResponseFormat | None = None
+    json_schema: dict | None = Field(None, description="extension (llama-server's): the output is JSON of this schema")
+    grammar: str | None = Field(None, min_length=1, description="extension (llama-server's): a GBNF grammar")
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool | None = False
@@ -108,7 +133,27 @@ class Sampling(Strict):
     def _stream_options(self):
         if self.stream_options is not None and not self.stream:
             raise ParamError("stream_options", "stream_options is only allowed when stream is true")
+        given = [k for k in ("response_format", "json_schema", "grammar") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ParamError(given[1], f"give one of response_format, json_schema and grammar, not {' and '.join(given)}")
         return self
+
+    @property
+    def grammar_spec(self) -> tuple[Grammar | None, str]:
+        """The grammar the output keeps to (None: free text), and the field it came from."""
+        try:
+            if self.json_schema is not None:
+                return Grammar.json_schema(self.json_schema), "json_schema"
+            if self.grammar is not None:
+                return Grammar.gbnf(self.grammar), "grammar"
+            rf = self.response_format
+            if rf is None or rf.type == "text":
+                return None, "response_format"
+            if rf.type == "json_object":
+                return Grammar.json_object(), "response_format"
+            return Grammar.json_schema(rf.json_schema.schema_, strict=bool(rf.json_schema.strict)), "response_format"
+        except UserError as e:
+            raise ParamError("response_format", str(e)) from None
 
     @property
     def stops(self) -> tuple[str, ...]:

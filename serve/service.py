@@ -121,10 +121,20 @@ class Service:
 
     def make_request(self, ids: list[int], max_tokens: int, params: SamplingParams, *, seed: int | None = None,
                      stop: tuple[str, ...] = (), logprobs: int | None = None,
-                     prompt_logprobs: bool = False, cache_prompt: bool = True) -> GenRequest:
+                     prompt_logprobs: bool = False, cache_prompt: bool = True, grammar=None) -> GenRequest:
         return GenRequest(prompt=tuple(ids), max_tokens=max_tokens, params=params, seed=seed, stop=stop,
                           logprobs=logprobs, prompt_logprobs=prompt_logprobs, timeout_s=self.timeout_s,
-                          cache_prompt=cache_prompt)
+                          cache_prompt=cache_prompt, grammar=grammar)
+
+    def grammar(self, req):
+        """The request's grammar, compiled once here so that a bad one is a 400 naming its field."""
+        spec, param = req.grammar_spec
+        if spec is not None:
+            try:
+                self.engine.grammars.compile(spec)
+            except UserError as e:
+                raise bad_request(str(e), param=param) from None
+        return spec
 
     def chat_request(self, req: ChatCompletionRequest) -> GenRequest:
         """OpenAI defaults: temperature 1, top_p 1; without max_tokens, up to the end of the context."""
@@ -133,7 +143,8 @@ class Service:
         limit = req.limit
         n = self.budget(len(ids), limit, explicit=limit is not None, param="messages")
         return self.make_request(ids, n, _sampling(req), seed=req.seed, stop=req.stops,
-                                 logprobs=(req.top_logprobs or 0) if req.logprobs else None, cache_prompt=req.cache_prompt)
+                                 logprobs=(req.top_logprobs or 0) if req.logprobs else None, cache_prompt=req.cache_prompt,
+                                 grammar=self.grammar(req))
 
     def completion_requests(self, req: CompletionRequest) -> list[tuple[str, GenRequest]]:
         """(prompt text, engine request) per prompt; max_tokens 16 unless given (OpenAI's default)."""
@@ -141,13 +152,14 @@ class Service:
         explicit = "max_tokens" in req.model_fields_set and req.max_tokens is not None
         asked = req.max_tokens if req.max_tokens is not None else 16
         params, echo_logprobs = _sampling(req), bool(req.echo and req.logprobs is not None)
-        out = []
+        grammar, out = self.grammar(req), []
         for i, prompt in enumerate(req.prompts):
             param = "prompt" if isinstance(req.prompt, str) else f"prompt[{i}]"
             ids = self.prompt_ids(prompt, param)
             n = self.budget(len(ids), asked, explicit=explicit, param=param)
             out.append((prompt, self.make_request(ids, n, params, seed=req.seed, stop=req.stops, logprobs=req.logprobs,
-                                                  prompt_logprobs=echo_logprobs, cache_prompt=req.cache_prompt)))
+                                                  prompt_logprobs=echo_logprobs, cache_prompt=req.cache_prompt,
+                                                  grammar=grammar)))
         return out
 
     def lead_space(self, first_token: int | None, text: str) -> str:

@@ -12,27 +12,8 @@ decodes to U+FFFD. Special tokens (BOS, EOS, <|im_end|>) have no bytes: decode s
 
 from __future__ import annotations
 
-import re
-from functools import lru_cache
-
+from llama2_onnx.runtime.token_bytes import byte_level_table, spm_piece_bytes
 from llama2_onnx.runtime.tokenizer import StreamDecoder, Tokenizer
-
-_SPM_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-_SPM_SPACE = "\u2581"
-
-
-@lru_cache(maxsize=1)
-def _byte_level_table() -> dict[str, int]:
-    """GPT-2's byte-level BPE alphabet: the printable character that stands for each byte."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, n = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + n)] = b
-            n += 1
-    return chars
 
 
 def _is_byte_level(tokenizer: Tokenizer) -> bool:
@@ -59,11 +40,9 @@ class TokenTexts:
         if tok.special_id(piece) == token or token in (tok.bos_id, tok.eos_id):
             return b""
         if self._spm:
-            if m := _SPM_BYTE.fullmatch(piece):
-                return bytes([int(m.group(1), 16)])
-            return piece.replace(_SPM_SPACE, " ").encode("utf-8")
+            return spm_piece_bytes(piece)
         if self._byte_level:
-            table = _byte_level_table()
+            table = byte_level_table()
             if all(c in table for c in piece):
                 return bytes(table[c] for c in piece)
         return tok.decode([token]).encode("utf-8")

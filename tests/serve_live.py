@@ -4,6 +4,8 @@
         ...
     with rows_busy(service):             # every engine row taken: the next request queues
         ...
+    with serving(folder, model_id="m") as (url, service):   # Service.open + LiveServer, both stopped
+        ...
 """
 
 from __future__ import annotations
@@ -82,6 +84,18 @@ def open_service(folder, **kwargs):
         yield service
     finally:
         service.close()
+
+
+@contextlib.contextmanager
+def serving(folder, app_kwargs: dict | None = None, **kwargs):
+    """(url, service): a service on folder (open_service's kwargs) behind a LiveServer; both stopped on exit."""
+    from llama2_onnx.serve.app import ServerState, create_app
+
+    with open_service(folder, **kwargs) as service:
+        state = ServerState()
+        state.attach(service)
+        with LiveServer(create_app(state, **(app_kwargs or {}))) as url:
+            yield url, service
 
 
 @contextlib.contextmanager

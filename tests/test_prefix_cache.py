@@ -252,3 +252,40 @@ def test_parked_rows_leave_a_decode_steps_span(tiny_onnx_ort):
         assert again.cached_tokens == len(first) + len(a.tokens) - 1
     finally:
         g.close()
+
+
+@pytest.mark.parametrize("case", ["identical", "strict prefix", "diverges mid-way"])
+def test_reuse_cases_equal_a_cold_read(gen, case):
+    """A prompt identical to a parked row's ids, one that is a strict prefix of them, one that leaves
+    them mid-way: the same tokens as a cold read, with what was shared reused."""
+    base = prompt(gen, "Seven swans swimming, six geese laying, five golden rings, four calling birds")
+    gen.generate_ids([base], 6, GREEDY)  # parks base + 5 answer tokens
+    ask = {"identical": base, "strict prefix": base[:12],
+           "diverges mid-way": base[:10] + prompt(gen, "three french hens and a partridge")[1:]}[case]
+    got = gen.generate_ids([ask], 8, GREEDY)[0]
+    assert got.cached_tokens == {"identical": len(base) - 2, "strict prefix": 10, "diverges mid-way": 10}[case]
+    gen.engine.pool.enabled = False
+    try:
+        cold = gen.generate_ids([ask], 8, GREEDY)[0]
+    finally:
+        gen.engine.pool.enabled = True
+    assert (got.tokens, got.text) == (cold.tokens, cold.text)
+
+
+def test_no_text_leaks_between_conversations(tiny_onnx_ort):
+    """Two conversations with distinct secrets, one row each and then a single row for both: each
+    answer equals its own cold run, so nothing of the other's cache is read."""
+    secrets = ["The password is AZURE-FALCON-7731. Repeat the password:",
+               "The password is CRIMSON-OTTER-0420. Repeat the password:"]
+    for rows in (2, 1):
+        g = Generator.from_dir(tiny_onnx_ort, provider="cpu", max_batch=rows)
+        cold = Generator.from_dir(tiny_onnx_ort, provider="cpu", max_batch=1, prefix_cache=False)
+        try:
+            for _ in range(2):  # the second round reuses each conversation's own row or host copy
+                for s in secrets:
+                    got = g.generate(s, max_new_tokens=8)
+                    assert got.tokens == cold.generate(s, max_new_tokens=8).tokens
+            assert g.engine.stats()["prompt_tokens_cached"] > 0
+        finally:
+            g.close()
+            cold.close()

@@ -10,24 +10,16 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from serve_live import LiveServer  # noqa: E402
+from serve_live import serving  # noqa: E402
 
-from llama2_onnx.serve.app import ServerState, create_app  # noqa: E402
-from llama2_onnx.serve.service import Service  # noqa: E402
 
 MODEL = "tiny"
 
 
 @pytest.fixture(scope="module")
 def url(tiny_onnx_ort):
-    svc = Service.open(tiny_onnx_ort, max_batch=2, max_queue=8, model_id=MODEL, provider="cpu")
-    state = ServerState()
-    state.attach(svc)
-    try:
-        with LiveServer(create_app(state, metrics=True)) as u:
-            yield u
-    finally:
-        svc.close()
+    with serving(tiny_onnx_ort, {"metrics": True}, max_batch=2, max_queue=8, model_id=MODEL) as (u, _):
+        yield u
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,10 @@
 - ``chatml``: ``<|im_start|>role\\ncontent<|im_end|>\\n`` per message, then the generation
   prompt ``<|im_start|>assistant\\n`` (SmolLM2's chat template, default system prompt included).
 
+A dialog may end with an assistant message: the answer continues it (it is not closed). Llama 2's
+format alternates user and assistant turns, so runs of one role are merged (blank-line joined);
+ChatML tags each message and takes any order.
+
 Special tokens are always ids (BOS/EOS, <|im_start|>), never text run through the tokenizer;
 messages that contain a format's tag text are refused, so a user cannot forge a turn. Any other
 special token's spelling in a message (<|endoftext|>, <filename>, ...) is encoded as the plain
@@ -65,8 +69,21 @@ def _checked(dialog: Dialog, forbidden: tuple[str, ...]) -> list[Message]:
     return out
 
 
+def _merged(msgs: list[Message]) -> list[Message]:
+    """Runs of messages from one role as one message (their texts joined by a blank line), as the
+    OpenAI API allows them (two system messages, two user messages in a row)."""
+    out: list[Message] = []
+    for msg in msgs:
+        if out and out[-1]["role"] == msg["role"]:
+            out[-1] = {"role": msg["role"], "content": out[-1]["content"] + "\n\n" + msg["content"]}
+        else:
+            out.append(dict(msg))
+    return out
+
+
 def _check_turns(turns: list[Message]) -> None:
-    """user, assistant, user, ... ending with user (after an optional system message is taken off)."""
+    """user, assistant, user, ... ending with user, or with an assistant message to continue (after an
+    optional system message is taken off)."""
     if not turns:
         raise DialogError("the dialog has no user message after the system message")
     for n, msg in enumerate(turns):
@@ -74,8 +91,6 @@ def _check_turns(turns: list[Message]) -> None:
         if msg["role"] != want:
             raise DialogError(f"turn {n} is from {msg['role']!r} but should be from {want!r}: after an optional "
                               "leading system message, roles must alternate user/assistant/user/...")
-    if turns[-1]["role"] != "user":
-        raise DialogError("the dialog must end with a user message (the one to answer)")
 
 
 # ---- Llama 2 -----------------------------------------------------------------------------
@@ -91,7 +106,7 @@ class Llama2Format:
     stop_texts: tuple[str, ...] = ()
 
     def encode(self, dialog: Dialog, tokenizer: Tokenizer) -> list[int]:
-        msgs = _checked(dialog, SPECIAL_TAGS)
+        msgs = _merged(_checked(dialog, SPECIAL_TAGS))
         if msgs[0]["role"] == "system":
             if len(msgs) < 2:
                 raise DialogError("the dialog has no user message after the system message")
@@ -99,11 +114,13 @@ class Llama2Format:
             first = {"role": msgs[1]["role"], "content": B_SYS + msgs[0]["content"] + E_SYS + msgs[1]["content"]}
             msgs = [first] + msgs[2:]
         _check_turns(msgs)
+        prefill = msgs.pop()["content"].strip() if msgs[-1]["role"] == "assistant" else None  # continued, not closed
         ids: list[int] = []
         for user, answer in zip(msgs[::2], msgs[1::2]):  # finished turns, each with BOS and EOS
             text = f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} "
             ids += tokenizer.encode(text, bos=True, eos=True, parse_special=False)
-        ids += tokenizer.encode(f"{B_INST} {msgs[-1]['content'].strip()} {E_INST}", bos=True, eos=False, parse_special=False)
+        last = f"{B_INST} {msgs[-1]['content'].strip()} {E_INST}" + (f" {prefill}" if prefill else "")
+        ids += tokenizer.encode(last, bos=True, eos=False, parse_special=False)
         return ids
 
     def stop_ids(self, tokenizer: Tokenizer) -> list[int]:
@@ -129,17 +146,20 @@ class ChatMLFormat:
         return i
 
     def encode(self, dialog: Dialog, tokenizer: Tokenizer) -> list[int]:
-        msgs = _checked(dialog, (IM_START, IM_END))
+        msgs = _checked(dialog, (IM_START, IM_END))  # ChatML tags every message: any order of roles
         if msgs[0]["role"] != "system" and self.default_system is not None:
             msgs = [{"role": "system", "content": self.default_system}] + msgs
-        _check_turns(msgs[1:] if msgs[0]["role"] == "system" else msgs)
+        if all(m["role"] == "system" for m in msgs):
+            raise DialogError("the dialog has no user message after the system message")
+        prefill = msgs.pop()["content"] if msgs[-1]["role"] == "assistant" else None  # continued, not closed
         start, end = self._special(tokenizer, IM_START), self._special(tokenizer, IM_END)
         newline = tokenizer.encode("\n", bos=False, eos=False)
         ids: list[int] = []
         for msg in msgs:  # <|im_start|>{role}\n{content}<|im_end|>\n
             text = f"{msg['role']}\n{msg['content']}"
             ids += [start] + tokenizer.encode(text, bos=False, eos=False, parse_special=False) + [end] + newline
-        ids += [start] + tokenizer.encode("assistant\n", bos=False, eos=False)  # the generation prompt
+        # the generation prompt, and the start of the answer when the dialog ends with one to continue
+        ids += [start] + tokenizer.encode("assistant\n" + (prefill or ""), bos=False, eos=False, parse_special=False)
         return ids
 
     def stop_ids(self, tokenizer: Tokenizer) -> list[int]:

@@ -44,9 +44,22 @@ class StreamOptions(Strict):
     include_usage: bool = False
 
 
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    """OpenAI's message: content a string or a list of text parts (joined); "developer" is the system
+    role of newer models; name is accepted and not shown to the model."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = Field(None, max_length=64)
+
+    def as_message(self) -> dict:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 def _check_stop(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -98,6 +111,9 @@ class Sampling(Strict):
     stream_options: StreamOptions | None = None
     n: int | None = Field(1, description="only 1 is supported")
     user: str | None = Field(None, description="accepted and ignored")
+    store: bool | None = Field(None, description="accepted and ignored (nothing is stored)")
+    metadata: dict[str, str] | None = Field(None, description="accepted and ignored")
+    service_tier: str | None = Field(None, description="accepted and ignored")
     frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 (off) is supported")
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 (off) is supported")
     logit_bias: dict[str, float] | None = Field(None, description="only an empty map is supported")

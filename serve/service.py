@@ -93,7 +93,7 @@ class Service:
 
     def chat_ids(self, messages: Sequence[ChatMessage], param: str = "messages") -> list[int]:
         try:
-            return self.gen.chat_ids([m.model_dump() for m in messages])
+            return self.gen.chat_ids([m.as_message() for m in messages])
         except UserError as e:
             raise bad_request(str(e), param=param) from None
 

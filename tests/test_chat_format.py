@@ -80,6 +80,10 @@ LLAMA2_CASES = [
       ("[INST] Thanks, 你好 🦙 [/INST]", True, False)]),
     ("empty contents", [U(""), A(""), U("")],
      [("[INST]  [/INST]  ", True, True), ("[INST]  [/INST]", True, False)]),
+    # what the OpenAI API allows: runs of one role are merged; a final assistant message is continued
+    ("two users merged", [U("a"), U("b")], [("[INST] a\n\nb [/INST]", True, False)]),
+    ("two systems merged", [S("x"), S("y"), U("q")], [("[INST] <<SYS>>\nx\n\ny\n<</SYS>>\n\nq [/INST]", True, False)]),
+    ("ends with assistant: continued", [U("a"), A("The answer is")], [("[INST] a [/INST] The answer is", True, False)]),
 ]
 
 
@@ -112,16 +116,18 @@ TAG_CASES = [  # Llama 2's tags (plain text to ChatML)
 ERROR_CASES = [  # wrong for every format
     ("empty", [], "empty"),
     ("system only", [S("x")], "no user message"),
-    ("two users", [U("a"), U("b")], "alternate"),
-    ("assistant first", [A("a"), U("b")], "alternate"),
-    ("system in the middle", [U("a"), S("b"), U("c")], "alternate"),
-    ("ends with assistant", [U("a"), A("b")], "end with a user"),
     ("unknown role", [{"role": "tool", "content": "x"}], "role"),
     ("not a message", [{"role": "user"}], "content"),
     ("not a list", "hello", "empty"),
 ]
 
-BAD_DIALOGS = [("llama2",) + c for c in TAG_CASES + ERROR_CASES] + [("chatml",) + c for c in ERROR_CASES]
+LLAMA2_ORDER_CASES = [  # Llama 2 alternates user and assistant turns; ChatML tags each message, in any order
+    ("assistant first", [A("a"), U("b")], "alternate"),
+    ("system in the middle", [U("a"), S("b"), U("c")], "alternate"),
+]
+
+BAD_DIALOGS = ([("llama2",) + c for c in TAG_CASES + ERROR_CASES + LLAMA2_ORDER_CASES]
+               + [("chatml",) + c for c in ERROR_CASES])
 
 
 @pytest.mark.parametrize("style, name, dialog, match", BAD_DIALOGS, ids=[f"{c[0]}-{c[1]}" for c in BAD_DIALOGS])
@@ -155,7 +161,17 @@ CHATML_CASES = [
     ("turns", [U("Hi"), A("Hello! How can I help?"), U("Tell me a joke 🦙")],
      [S(SMOLLM2_SYSTEM), U("Hi"), A("Hello! How can I help?"), U("Tell me a joke 🦙")]),
     ("content is not stripped", [S(" s "), U("  x \n")], [S(" s "), U("  x \n")]),
+    ("two users in a row", [U("a"), U("b")], [S(SMOLLM2_SYSTEM), U("a"), U("b")]),
+    ("two systems, assistant first", [S("x"), S("y"), A("a"), U("b")], [S("x"), S("y"), A("a"), U("b")]),
 ]
+
+
+def test_chatml_continues_a_final_assistant_message(raw_hf, smol_tok):
+    """transformers' continue_final_message: the answer's start, not closed, after the generation prompt."""
+    got = format_dialog([U("Hi"), A("Sure, the answer is")], smol_tok, "chatml")
+    text = (f"<|im_start|>system\n{SMOLLM2_SYSTEM}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+            "<|im_start|>assistant\nSure, the answer is")
+    assert got == raw_hf.encode(text, add_special_tokens=False).ids
 
 
 @pytest.mark.parametrize("name, dialog, rendered", CHATML_CASES, ids=[c[0] for c in CHATML_CASES])

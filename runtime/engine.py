@@ -196,6 +196,8 @@ class Engine:
             raise RequestError(f"the prompt is {n} tokens; the context is {self.context}")
         if min(req.prompt) < 0 or max(req.prompt) >= self.vocab_size:
             raise RequestError(f"a prompt token id is outside [0, {self.vocab_size})")
+        if any(not 0 <= t < self.vocab_size for t, _ in req.logit_bias):
+            raise RequestError(f"a logit_bias token id is outside [0, {self.vocab_size})")
         if req.max_tokens < (0 if req.prompt_logprobs else 1):
             raise RequestError(f"max_tokens must be at least 1, got {req.max_tokens}")
         try:
@@ -325,8 +327,7 @@ class Engine:
                 self._finish(seq, LENGTH)
                 continue
             req = seq.req
-            allowed = row if seq.constraint is None else seq.constraint.masked(row)  # logprobs stay the raw row's
-            tok = int(sample(allowed[None, :], req.params, seq.rng, prev_tokens=seq.history)[0])
+            tok = int(sample(seq.adjusted(row)[None, :], req.params, seq.rng, prev_tokens=seq.history)[0])  # logprobs: raw
             text, done = seq.append(tok)
             if tok in seq.stop_ids:
                 self._finish(seq)

@@ -68,6 +68,11 @@ class GenRequest:
     timeout_s: float | None = None  # time limit from submit (queueing included) -> finish "timeout"
     cache_prompt: bool = True  # start after the longest prefix of the prompt the KV pool holds (prefix_cache.py)
     grammar: Grammar | None = None  # constrained decoding: the output keeps to it (runtime/grammar.py)
+    # OpenAI's: added to a token's logit; minus presence_penalty once a token was generated, minus
+    # frequency_penalty times the number of times it was
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 @dataclass(eq=False)
@@ -93,6 +98,7 @@ class Sequence:
     credit: int | None = None  # decode steps the reader has asked for (None: no limit; a pulled stream's)
     cut: bool = False  # a stop string was hit: what follows it is dropped, not released at the finish
     constraint: Constraint | None = None  # the grammar's state (req.grammar), made at submit
+    counts: dict[int, int] | None = None  # generated ids and how often (OpenAI's presence/frequency penalties)
 
     def __post_init__(self) -> None:
         self.rng = make_rng(self.req.seed)  # the same seed, the same draws, wherever it runs
@@ -101,6 +107,8 @@ class Sequence:
             self.prompt_top = [None] if self.req.logprobs else None
         if self.req.params.repetition_penalty != 1.0:
             self.seen = set(self.req.prompt)
+        if self.req.presence_penalty or self.req.frequency_penalty:
+            self.counts = {}
 
     @classmethod
     def of(cls, req: GenRequest, stop_ids: set[int] | frozenset[int], tokenizer: Tokenizer, context: int) -> "Sequence":
@@ -120,6 +128,20 @@ class Sequence:
         """The sampler's prev_tokens for this row (None without a repetition penalty)."""
         return None if self.seen is None else [self.seen]
 
+    def adjusted(self, logits: np.ndarray) -> np.ndarray:
+        """One row of logits (V,) as this request samples from it: its logit_bias and OpenAI penalties
+        applied, then its grammar's mask (a copy when anything changes; the raw row gives logprobs)."""
+        req = self.req
+        if req.logit_bias or self.counts:
+            logits = np.array(logits, np.float32)
+            for token, bias in req.logit_bias:
+                logits[token] += bias
+            if self.counts:
+                ids = np.fromiter(self.counts, np.int64, len(self.counts))
+                n = np.fromiter(self.counts.values(), np.float32, len(self.counts))
+                logits[ids] -= req.presence_penalty + req.frequency_penalty * n
+        return logits if self.constraint is None else self.constraint.masked(logits)
+
     def late(self, now: float) -> bool:
         return self.req.timeout_s is not None and now - self.submitted > self.req.timeout_s
 
@@ -133,6 +155,8 @@ class Sequence:
         self.tokens.append(token)
         if self.seen is not None:
             self.seen.add(token)
+        if self.counts is not None:
+            self.counts[token] = self.counts.get(token, 0) + 1
         text, self.pending, hit = split_at_stop(self.pending + self.decoder.push(token), self.req.stop)
         self.text += text
         if hit:

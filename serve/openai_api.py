@@ -44,10 +44,11 @@ def _stream_error(event: FinishEvent, timeout_s: float | None) -> dict | None:
     return None
 
 
-def _usage(finished: list[FinishEvent]) -> dict:
-    p = sum(f.prompt_tokens for f in finished)
+def _usage(finished: list[FinishEvent], n: int = 1) -> dict:
+    """Each prompt counted once (its n choices read it once: the copies reuse the first's cache)."""
+    p = sum(f.prompt_tokens for f in finished[::n])
     c = sum(f.completion_tokens for f in finished)
-    cached = sum(f.cached_tokens for f in finished)
+    cached = sum(f.cached_tokens for f in finished[::n])
     return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
             "prompt_tokens_details": {"cached_tokens": cached}}
 
@@ -95,18 +96,20 @@ def _head(kind: str, service: Service) -> dict:
 
 
 async def chat_completion(service: Service, req: ChatCompletionRequest) -> dict:
-    group = service.submit([await service.off_loop(lambda: service.chat_request(req))])
-    (fin,) = await group.wait()
-    check_finish(fin, service.timeout_s)
-    logprobs = {"content": [chat_logprob(service.texts, t) for t in group.tokens[0]]} if req.logprobs else None
-    choice = {"index": 0, "message": {"role": "assistant", "content": fin.text}, "logprobs": logprobs,
-              "finish_reason": fin.reason}
-    return {**_head("chat.completion", service), "choices": [choice], "usage": _usage([fin])}
+    group = service.submit(await service.off_loop(lambda: service.chat_requests(req)))
+    finished = await group.wait()
+    choices = []
+    for i, fin in enumerate(finished):
+        check_finish(fin, service.timeout_s)
+        logprobs = {"content": [chat_logprob(service.texts, t) for t in group.tokens[i]]} if req.logprobs else None
+        choices.append({"index": i, "message": {"role": "assistant", "content": fin.text}, "logprobs": logprobs,
+                        "finish_reason": fin.reason})
+    return {**_head("chat.completion", service), "choices": choices, "usage": _usage(finished, req.n or 1)}
 
 
 async def chat_chunks(service: Service, req: ChatCompletionRequest) -> tuple[RunGroup, AsyncIterator[dict]]:
     """Submit now (so bad requests and a full queue fail before the stream starts); the chunks after."""
-    group = service.submit([await service.off_loop(lambda: service.chat_request(req))])
+    group = service.submit(await service.off_loop(lambda: service.chat_requests(req)))
     return group, _chat_stream(service, req, group)
 
 
@@ -114,27 +117,29 @@ async def _chat_stream(service: Service, req: ChatCompletionRequest, group: RunG
     head = _head("chat.completion.chunk", service)
     usage = bool(req.stream_options and req.stream_options.include_usage)
 
-    def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
-        c = {**head, "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+    def chunk(i: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
+        c = {**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
         return {**c, "usage": None} if usage else c
 
-    yield chunk({"role": "assistant", "content": ""})
-    async for _, event in group.events():
+    for i in range(len(group.requests)):
+        yield chunk(i, {"role": "assistant", "content": ""})
+    async for i, event in group.events():
         if isinstance(event, TokenEvent):
             lp = {"content": [chat_logprob(service.texts, event)]} if req.logprobs else None
             if event.text or lp:
-                yield chunk({"content": event.text}, logprobs=lp)
+                yield chunk(i, {"content": event.text}, logprobs=lp)
             continue
         if event.reason == "cancelled":
             return
         if (error := _stream_error(event, service.timeout_s)) is not None:
             yield error
+            group.cancel()  # the other choices' rows
             return
         if event.tail:
-            yield chunk({"content": event.tail})
-        yield chunk({}, finish=event.reason)
-        if usage:
-            yield {**head, "choices": [], "usage": _usage([event])}
+            yield chunk(i, {"content": event.tail})
+        yield chunk(i, {}, finish=event.reason)
+    if usage:
+        yield {**head, "choices": [], "usage": _usage(group.finished, req.n or 1)}
 
 
 # ---- completions --------------------------------------------------------------------------------
@@ -165,7 +170,7 @@ async def completion(service: Service, req: CompletionRequest) -> dict:
             else:
                 logprobs = legacy_logprobs(service.texts, group.tokens[i], after=gen_req.prompt[-1])
         choices.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": fin.reason})
-    return {**_head("text_completion", service), "choices": choices, "usage": _usage(finished)}
+    return {**_head("text_completion", service), "choices": choices, "usage": _usage(finished, req.n or 1)}
 
 
 async def completion_chunks(service: Service, req: CompletionRequest) -> tuple[RunGroup, AsyncIterator[dict]]:
@@ -207,4 +212,4 @@ async def _completion_stream(service: Service, req: CompletionRequest, prompts: 
         tail = event.tail if streamed[i] else service.lead_space(group.first_token(i), event.tail)
         yield chunk(i, tail, finish=event.reason)
     if usage:
-        yield {**head, "choices": [], "usage": _usage(group.finished)}
+        yield {**head, "choices": [], "usage": _usage(group.finished, req.n or 1)}

@@ -9,14 +9,14 @@ together. What needs the tokenizer (context length, token ids in the vocabulary)
 serve.service.
 
 OpenAI fields implemented (chat and completions): model, max_tokens, max_completion_tokens
-(chat), temperature, top_p, stop, seed, stream, stream_options.include_usage, n (1 only),
-logprobs/top_logprobs (chat), logprobs as an integer and echo (completions); `user` is accepted
-and ignored (it only tags a request for abuse tracking). Extensions, as vLLM and llama-server
-name them: top_k, repetition_penalty, cache_prompt, json_schema and grammar (GBNF).
-response_format (json_object, json_schema) constrains the output (runtime/grammar.py). frequency_penalty and presence_penalty of 0 and an empty
-logit_bias are accepted as the no-ops they are (chat front ends such as Open WebUI and LibreChat
-send them with every request); any other value of those is a 400 naming the field and what to use
-instead. Everything else is a 400.
+(chat), temperature, top_p, stop, seed, stream, stream_options.include_usage, n (choice k samples
+with seed + k), logprobs/top_logprobs (chat), logprobs as an integer and echo (completions),
+presence_penalty, frequency_penalty and logit_bias (OpenAI's rules, on the generated tokens),
+response_format (json_object, json_schema with strict: constrained decoding, runtime/grammar.py);
+messages with content as text parts, the developer role and name; completions prompts as text or
+token ids. `user`, `store`, `metadata` and `service_tier` are accepted and ignored. Extensions, as
+vLLM and llama-server name them: top_k, repetition_penalty, cache_prompt, json_schema and grammar
+(GBNF). Everything else (tools, images, audio) is a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ from .errors import APIError, ParamError, bad_request, from_validation
 
 MAX_STOP = 4  # stop strings per request, OpenAI's limit
 MAX_PROMPTS = 16  # prompts in one /v1/completions request
+MAX_N = 16  # choices per prompt
+MAX_ROWS = 64  # prompts x n in one request
+MAX_BIAS = 300  # logit_bias entries, OpenAI's limit
 MAX_SCORE_INPUTS = 16  # input_string entries in one /score request
 
 
@@ -109,14 +112,14 @@ class Sampling(Strict):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(1, description="only 1 is supported")
+    n: int | None = Field(1, ge=1, le=MAX_N, description="choices per prompt (each its own sample; seeds seed + i)")
     user: str | None = Field(None, description="accepted and ignored")
     store: bool | None = Field(None, description="accepted and ignored (nothing is stored)")
     metadata: dict[str, str] | None = Field(None, description="accepted and ignored")
     service_tier: str | None = Field(None, description="accepted and ignored")
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 (off) is supported")
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 (off) is supported")
-    logit_bias: dict[str, float] | None = Field(None, description="only an empty map is supported")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
 
     @field_validator("stop")
     @classmethod
@@ -124,26 +127,23 @@ class Sampling(Strict):
         _check_stop(v)
         return v
 
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_op_penalty(cls, v, info):
-        if v:
-            raise ValueError(f"only {info.field_name}=0 is supported, got {v}; use repetition_penalty (> 1 discourages repeats)")
-        return v
-
     @field_validator("logit_bias")
     @classmethod
-    def _no_op_bias(cls, v):
-        if v:
-            raise ValueError("logit_bias is not supported (only an empty map)")
+    def _bias(cls, v):
+        if v is None:
+            return v
+        if len(v) > MAX_BIAS:
+            raise ValueError(f"at most {MAX_BIAS} logit_bias entries, got {len(v)}")
+        for key, bias in v.items():
+            if not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids as strings (\"15043\"), got {key[:20]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values are from -100 to 100, got {bias}")
         return v
 
-    @field_validator("n")
-    @classmethod
-    def _n(cls, v):
-        if v is not None and v != 1:
-            raise ValueError(f"only n=1 is supported, got {v}")
-        return v
+    @property
+    def bias(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items())
 
     @model_validator(mode="after")
     def _stream_options(self):
@@ -197,7 +197,8 @@ class ChatCompletionRequest(Sampling):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str] = Field(description="a string, or a list of strings (one choice each)")
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a string, a list of strings, token ids, or a list of token-id lists (one choice each)")
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool | None = False
@@ -205,13 +206,26 @@ class CompletionRequest(Sampling):
     @field_validator("prompt")
     @classmethod
     def _prompt(cls, v):
-        if isinstance(v, list) and not 1 <= len(v) <= MAX_PROMPTS:
-            raise ValueError(f"give 1 to {MAX_PROMPTS} prompts, got {len(v)}")
+        if isinstance(v, list) and not v:
+            raise ValueError("the prompt list is empty")
+        n = 1 if isinstance(v, str) or isinstance(v[0], int) else len(v)
+        if not 1 <= n <= MAX_PROMPTS:
+            raise ValueError(f"give 1 to {MAX_PROMPTS} prompts, got {n}")
+        if isinstance(v, list) and any(isinstance(p, list) and not p for p in v):
+            raise ValueError("a token-id prompt is empty")
         return v
 
+    @model_validator(mode="after")
+    def _rows(self):
+        if len(self.prompts) * (self.n or 1) > MAX_ROWS:
+            raise ParamError("n", f"prompts x n may be at most {MAX_ROWS}, got {len(self.prompts)} x {self.n}")
+        return self
+
     @property
-    def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: its text, or its token ids."""
+        p = self.prompt
+        return [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
 
 
 class TokenizeRequest(Strict):

@@ -2,8 +2,8 @@
 and the engine's events delivered on the asyncio event loop.
 
     service = Service.open(folder, max_batch=8)            # Generator + Engine, started
-    gen_req = service.chat_request(req)                    # APIError 400/404 naming the field
-    group = service.submit([gen_req])                      # APIError 503 when the queue is full
+    gen_reqs = service.chat_requests(req)                  # one per choice; APIError 400/404 naming the field
+    group = service.submit(gen_reqs)                       # APIError 503 when the queue is full
     async for index, event in group.events(): ...          # TokenEvent ..., FinishEvent
 
 The engine's scheduler thread calls on_event; it must not block, so each event is handed to
@@ -22,7 +22,7 @@ from typing import AsyncIterator, Callable, Sequence, TypeVar
 from llama2_onnx.errors import UserError
 from llama2_onnx.runtime.generator import Generator
 from llama2_onnx.runtime.request import ContextError, sampling, token_budget
-from llama2_onnx.runtime.sampler import SamplingParams
+from llama2_onnx.runtime.sampler import MAX_SEED, SamplingParams
 
 from llama2_onnx.runtime.engine import Engine, EngineClosed, FinishEvent, GenRequest, QueueFull, RequestError, TokenEvent
 from .errors import APIError, bad_request
@@ -119,12 +119,9 @@ class Service:
                            "Please reduce the prompt or the completion length.",
                            param="max_tokens", code="context_length_exceeded") from None
 
-    def make_request(self, ids: list[int], max_tokens: int, params: SamplingParams, *, seed: int | None = None,
-                     stop: tuple[str, ...] = (), logprobs: int | None = None,
-                     prompt_logprobs: bool = False, cache_prompt: bool = True, grammar=None) -> GenRequest:
-        return GenRequest(prompt=tuple(ids), max_tokens=max_tokens, params=params, seed=seed, stop=stop,
-                          logprobs=logprobs, prompt_logprobs=prompt_logprobs, timeout_s=self.timeout_s,
-                          cache_prompt=cache_prompt, grammar=grammar)
+    def make_request(self, ids: list[int], max_tokens: int, params: SamplingParams) -> GenRequest:
+        """A plain request (the Azure /score schema's): no seed, stops or grammar; the server's time limit."""
+        return GenRequest(prompt=tuple(ids), max_tokens=max_tokens, params=params, timeout_s=self.timeout_s)
 
     def grammar(self, req):
         """The request's grammar, compiled once here so that a bad one is a 400 naming its field."""
@@ -136,31 +133,54 @@ class Service:
                 raise bad_request(str(e), param=param) from None
         return spec
 
-    def chat_request(self, req: ChatCompletionRequest) -> GenRequest:
-        """OpenAI defaults: temperature 1, top_p 1; without max_tokens, up to the end of the context."""
+    def openai_requests(self, req, ids: list[int], max_tokens: int, *, logprobs: int | None, grammar,
+                        prompt_logprobs: bool = False) -> list[GenRequest]:
+        """An OpenAI request's n engine requests for one prompt (choice k samples with seed + k)."""
+        vocab = self.gen.model.config.model.vocab_size
+        if bad := [t for t, _ in req.bias if t >= vocab]:
+            raise bad_request(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})", param="logit_bias")
+        common = dict(params=_sampling(req), stop=req.stops, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                      timeout_s=self.timeout_s, cache_prompt=req.cache_prompt, grammar=grammar, logit_bias=req.bias,
+                      presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0)
+        seeds = [None if req.seed is None else (req.seed + k) % (MAX_SEED + 1) for k in range(req.n or 1)]
+        return [GenRequest(prompt=tuple(ids), max_tokens=max_tokens, seed=s, **common) for s in seeds]
+
+    def chat_requests(self, req: ChatCompletionRequest) -> list[GenRequest]:
+        """OpenAI defaults: temperature 1, top_p 1; without max_tokens, up to the end of the context.
+        One engine request per choice (n)."""
         self.check_model(req.model)
         ids = self.chat_ids(req.messages)
         limit = req.limit
         n = self.budget(len(ids), limit, explicit=limit is not None, param="messages")
-        return self.make_request(ids, n, _sampling(req), seed=req.seed, stop=req.stops,
-                                 logprobs=(req.top_logprobs or 0) if req.logprobs else None, cache_prompt=req.cache_prompt,
-                                 grammar=self.grammar(req))
+        return self.openai_requests(req, ids, n, logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+                                    grammar=self.grammar(req))
 
     def completion_requests(self, req: CompletionRequest) -> list[tuple[str, GenRequest]]:
-        """(prompt text, engine request) per prompt; max_tokens 16 unless given (OpenAI's default)."""
+        """(prompt text, engine request) per choice: each prompt's n choices in turn (OpenAI's order);
+        max_tokens 16 unless given (OpenAI's default). A token-id prompt's text is its ids decoded."""
         self.check_model(req.model)
         explicit = "max_tokens" in req.model_fields_set and req.max_tokens is not None
         asked = req.max_tokens if req.max_tokens is not None else 16
-        params, echo_logprobs = _sampling(req), bool(req.echo and req.logprobs is not None)
+        echo_logprobs = bool(req.echo and req.logprobs is not None)
         grammar, out = self.grammar(req), []
+        single = len(req.prompts) == 1 and req.prompts[0] is req.prompt
         for i, prompt in enumerate(req.prompts):
-            param = "prompt" if isinstance(req.prompt, str) else f"prompt[{i}]"
-            ids = self.prompt_ids(prompt, param)
+            param = "prompt" if single else f"prompt[{i}]"
+            if isinstance(prompt, str):
+                ids = self.prompt_ids(prompt, param)
+            else:
+                ids = self.token_prompt(prompt, param)
+                prompt = self.tokenizer.decode(ids)
             n = self.budget(len(ids), asked, explicit=explicit, param=param)
-            out.append((prompt, self.make_request(ids, n, params, seed=req.seed, stop=req.stops, logprobs=req.logprobs,
-                                                  prompt_logprobs=echo_logprobs, cache_prompt=req.cache_prompt,
-                                                  grammar=grammar)))
+            out += [(prompt, r) for r in self.openai_requests(req, ids, n, logprobs=req.logprobs, grammar=grammar,
+                                                              prompt_logprobs=echo_logprobs)]
         return out
+
+    def token_prompt(self, ids: list[int], param: str) -> list[int]:
+        vocab = self.gen.model.config.model.vocab_size
+        if bad := [t for t in ids if not 0 <= t < vocab]:
+            raise bad_request(f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param=param)
+        return list(ids)
 
     def lead_space(self, first_token: int | None, text: str) -> str:
         """A completion's text as it continues its prompt. SentencePiece drops the first piece's

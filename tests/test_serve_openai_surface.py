@@ -49,3 +49,60 @@ def test_still_refused(client):
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
         assert "messages" in str(e.value)
+
+
+def test_n_choices_are_the_seeded_single_runs(client):
+    c, _ = client
+    msgs = [{"role": "user", "content": "Tell me about foxes."}]
+    many = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=1.0, seed=11, n=3)
+    assert [ch.index for ch in many.choices] == [0, 1, 2]
+    single = [c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=1.0, seed=11 + k)
+              .choices[0].message.content for k in range(3)]
+    assert [ch.message.content for ch in many.choices] == single
+    assert len(set(single)) > 1
+    one = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=1.0, seed=11)
+    assert many.usage.prompt_tokens == one.usage.prompt_tokens  # the prompt counted once
+    streamed: dict[int, str] = {}
+    for chunk in c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=8, temperature=1.0, seed=11, n=3,
+                                           stream=True):
+        for ch in chunk.choices:
+            streamed[ch.index] = streamed.get(ch.index, "") + (ch.delta.content or "")
+    assert [streamed[k] for k in range(3)] == single
+    comp = c.completions.create(model=MODEL, prompt=["The fox", "The dog"], max_tokens=6, temperature=1.0, seed=5, n=2)
+    assert [ch.index for ch in comp.choices] == [0, 1, 2, 3]
+    assert comp.choices[2].text == c.completions.create(model=MODEL, prompt="The dog", max_tokens=6, temperature=1.0,
+                                                        seed=5).choices[0].text
+
+
+def test_token_id_prompts(client):
+    c, service = client
+    ids = service.gen.encode_prompt("The quick brown fox")
+    by_ids = c.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0, echo=True)
+    by_text = c.completions.create(model=MODEL, prompt="The quick brown fox", max_tokens=6, temperature=0, echo=True)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    both = c.completions.create(model=MODEL, prompt=[ids, ids[:3]], max_tokens=4, temperature=0)
+    assert len(both.choices) == 2 and both.usage.prompt_tokens == len(ids) + 3
+
+
+def test_logit_bias_and_penalties(client):
+    c, service = client
+    msgs = [{"role": "user", "content": "Tell me about foxes."}]
+    plain = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0, logprobs=True)
+    first = service.tokenizer.encode(plain.choices[0].logprobs.content[0].token, bos=False, eos=False)
+    forced = service.tokenizer.encode("zebra", bos=False, eos=False)[-1]
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=3, temperature=0, logprobs=True,
+                                  logit_bias={str(forced): 100})
+    assert [t.token for t in r.choices[0].logprobs.content] == [service.texts.text(forced)] * 3
+    banned = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0,
+                                       logit_bias={str(t): -100 for t in first}, logprobs=True)
+    assert banned.choices[0].logprobs.content[0].token != plain.choices[0].logprobs.content[0].token
+    # OpenAI's penalties, checked against the raw logprobs: each greedy token is the best of the top 20
+    # once every earlier generated token's presence and frequency penalties are taken off
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0, logprobs=True,
+                                  top_logprobs=20, presence_penalty=0.7, frequency_penalty=1.3)
+    counts: dict[str, int] = {}
+    for step in r.choices[0].logprobs.content:
+        adjusted = {t.token: t.logprob - (0.7 + 1.3 * counts[t.token] if t.token in counts else 0.0)
+                    for t in step.top_logprobs}
+        assert max(adjusted, key=adjusted.get) == step.token
+        counts[step.token] = counts.get(step.token, 0) + 1

@@ -27,6 +27,7 @@ from .errors import APIError, bad_request
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .service import RunGroup, Service, check_finish
 from .tokens import TokenTexts
+from .tools import may_be_call, parse_calls
 
 FLOOR = -9999.0  # a logprob of -inf, as OpenAI writes it (JSON has no infinity)
 
@@ -99,11 +100,15 @@ async def chat_completion(service: Service, req: ChatCompletionRequest) -> dict:
     group = service.submit(await service.off_loop(lambda: service.chat_requests(req)))
     finished = await group.wait()
     choices = []
+    calling = bool(req.tools) and req.choice != "none"
     for i, fin in enumerate(finished):
         check_finish(fin, service.timeout_s)
         logprobs = {"content": [chat_logprob(service.texts, t) for t in group.tokens[i]]} if req.logprobs else None
-        choices.append({"index": i, "message": {"role": "assistant", "content": fin.text}, "logprobs": logprobs,
-                        "finish_reason": fin.reason})
+        message, reason = {"role": "assistant", "content": fin.text}, fin.reason
+        if calling and (parsed := parse_calls(fin.text))[1]:
+            message = {"role": "assistant", "content": parsed[0], "tool_calls": parsed[1]}
+            reason = "tool_calls" if reason == "stop" else reason
+        choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason})
     return {**_head("chat.completion", service), "choices": choices, "usage": _usage(finished, req.n or 1)}
 
 
@@ -121,13 +126,21 @@ async def _chat_stream(service: Service, req: ChatCompletionRequest, group: RunG
         c = {**head, "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
         return {**c, "usage": None} if usage else c
 
+    calling = bool(req.tools) and req.choice != "none"
+    held = [""] * len(group.requests)  # with tools: text that may still be the start of a call
     for i in range(len(group.requests)):
         yield chunk(i, {"role": "assistant", "content": ""})
     async for i, event in group.events():
         if isinstance(event, TokenEvent):
             lp = {"content": [chat_logprob(service.texts, event)]} if req.logprobs else None
-            if event.text or lp:
-                yield chunk(i, {"content": event.text}, logprobs=lp)
+            text = event.text
+            if calling and held[i] is not None:
+                held[i] += text
+                if may_be_call(held[i]):
+                    continue
+                text, held[i] = held[i], None  # a plain answer: what was held goes out, and the rest as it comes
+            if text or lp:
+                yield chunk(i, {"content": text}, logprobs=lp)
             continue
         if event.reason == "cancelled":
             return
@@ -135,9 +148,18 @@ async def _chat_stream(service: Service, req: ChatCompletionRequest, group: RunG
             yield error
             group.cancel()  # the other choices' rows
             return
-        if event.tail:
+        reason = event.reason
+        if calling and held[i] is not None:  # the answer was held back as a possible call
+            content, calls = parse_calls(held[i] + event.tail)
+            if calls:
+                deltas = [{"index": k, **c} for k, c in enumerate(calls)]
+                yield chunk(i, {"content": content, "tool_calls": deltas} if content else {"tool_calls": deltas})
+                reason = "tool_calls" if reason == "stop" else reason
+            elif content:
+                yield chunk(i, {"content": content})
+        elif event.tail:
             yield chunk(i, {"content": event.tail})
-        yield chunk(i, {}, finish=event.reason)
+        yield chunk(i, {}, finish=reason)
     if usage:
         yield {**head, "choices": [], "usage": _usage(group.finished, req.n or 1)}
 

@@ -52,17 +52,68 @@ class TextPart(Strict):
     text: str
 
 
+class FunctionCall(Strict):
+    name: str
+    arguments: str  # JSON, as OpenAI sends it
+
+
+class ToolCall(Strict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(Strict):
     """OpenAI's message: content a string or a list of text parts (joined); "developer" is the system
-    role of newer models; name is accepted and not shown to the model."""
+    role of newer models; name is accepted and not shown to the model; an assistant message's
+    tool_calls and a `tool` message's result go to the model as serve/tools.py writes them."""
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = Field(None, max_length=64)
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _content(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ParamError("content", "content is required (null only for an assistant message with tool_calls)")
+        if self.tool_calls and self.role != "assistant":
+            raise ParamError("tool_calls", "only assistant messages carry tool_calls")
+        return self
 
     def as_message(self) -> dict:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        from .tools import call_text, result_text
+
+        c = self.content
+        text = "" if c is None else c if isinstance(c, str) else "".join(p.text for p in c)
+        if self.tool_calls:
+            calls = "\n".join(call_text(t.function.name, t.function.arguments) for t in self.tool_calls)
+            text = f"{text}\n{calls}" if text else calls
+        if self.role == "tool":
+            return {"role": "user", "content": result_text(text)}
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class FunctionDef(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class ToolDef(Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(Strict):
+    name: str
+
+
+class NamedToolChoice(Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 def _check_stop(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -182,6 +233,26 @@ class ChatCompletionRequest(Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _tools(self):
+        if self.tool_choice is not None and not self.tools:
+            raise ParamError("tool_choice", "tool_choice needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {
+                t.function.name for t in self.tools}:
+            raise ParamError("tool_choice", f"no tool is named {self.tool_choice.function.name!r}")
+        if self.tools and self.choice != "none" and self.grammar_spec[0] is not None:
+            raise ParamError("tools", "give tools or a response format (response_format, json_schema, grammar), not both")
+        return self
+
+    @property
+    def choice(self):
+        """tool_choice as serve/tools.py takes it: "none", "auto", "required" or {"function": {"name": ...}}."""
+        c = self.tool_choice or "auto"
+        return c if isinstance(c, str) else c.model_dump()
 
     @model_validator(mode="after")
     def _together(self):

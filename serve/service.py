@@ -29,6 +29,7 @@ from .errors import APIError, bad_request
 from .metrics import Metrics
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from .tokens import TokenTexts
+from .tools import tools_grammar, with_tools
 
 RETRY_AFTER_S = 1
 SHUTDOWN = "shutdown"  # the finish reason of a request the server ended because it is stopping
@@ -91,9 +92,13 @@ class Service:
             raise APIError(404, f"The model `{name}` does not exist; this server has `{self.model_id}`",
                            param="model", code="model_not_found")
 
-    def chat_ids(self, messages: Sequence[ChatMessage], param: str = "messages") -> list[int]:
+    def chat_ids(self, messages: Sequence[ChatMessage], param: str = "messages", tools: list[dict] | None = None) -> list[int]:
+        """The prompt ids of OpenAI messages (with tools: described in the system message, serve/tools.py)."""
+        dialog = [m.as_message() for m in messages]
+        if tools:
+            dialog = with_tools(dialog, tools)
         try:
-            return self.gen.chat_ids([m.as_message() for m in messages])
+            return self.gen.chat_ids(dialog)
         except UserError as e:
             raise bad_request(str(e), param=param) from None
 
@@ -126,6 +131,9 @@ class Service:
     def grammar(self, req):
         """The request's grammar, compiled once here so that a bad one is a 400 naming its field."""
         spec, param = req.grammar_spec
+        return self.compiled(spec, param)
+
+    def compiled(self, spec, param: str):
         if spec is not None:
             try:
                 self.engine.grammars.compile(spec)
@@ -149,11 +157,15 @@ class Service:
         """OpenAI defaults: temperature 1, top_p 1; without max_tokens, up to the end of the context.
         One engine request per choice (n)."""
         self.check_model(req.model)
-        ids = self.chat_ids(req.messages)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []]  # described even for "none"
+        ids = self.chat_ids(req.messages, tools=tools)
         limit = req.limit
         n = self.budget(len(ids), limit, explicit=limit is not None, param="messages")
+        grammar = self.grammar(req)
+        if tools and req.choice != "none":
+            grammar = self.compiled(tools_grammar(tools, req.choice, req.parallel_tool_calls is not False), "tools")
         return self.openai_requests(req, ids, n, logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-                                    grammar=self.grammar(req))
+                                    grammar=grammar)
 
     def completion_requests(self, req: CompletionRequest) -> list[tuple[str, GenRequest]]:
         """(prompt text, engine request) per choice: each prompt's n choices in turn (OpenAI's order);

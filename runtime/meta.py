@@ -79,10 +79,11 @@ class Llama:
         self.rng = np.random.default_rng(seed)  # Meta: torch.manual_seed(seed) once, at build
 
     def generate(self, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float = 0.6,
-                 top_p: float = 0.9, logprobs: bool = False,
-                 echo: bool = False) -> tuple[list[list[int]], Optional[list[list[float]]]]:
+                 top_p: float = 0.9, logprobs: bool = False, echo: bool = False,
+                 response_format=None) -> tuple[list[list[int]], Optional[list[list[float]]]]:
         """Meta's generate(): the tokens of each row (the prompt first with echo) cut at the first EOS,
-        and their logprobs when asked for."""
+        and their logprobs when asked for. response_format (not Meta's): the output keeps to a grammar
+        (Generator.generate's)."""
         if len(prompt_tokens) > self.max_batch_size:
             raise UserError(f"{len(prompt_tokens)} prompts, but this Llama was built with max_batch_size="
                             f"{self.max_batch_size}; build it with a larger one or send fewer")
@@ -99,7 +100,8 @@ class Llama:
         limits = [token_budget(len(p), max_gen_len, self.max_seq_len) if len(p) < self.max_seq_len else 0
                   for p in prompt_tokens]
         results = self.generator.generate_ids(prompt_tokens, limits, params, seed=int(self.rng.integers(MAX_SEED)),
-                                              logprobs=logprobs, prompt_logprobs=logprobs and echo)
+                                              logprobs=logprobs, prompt_logprobs=logprobs and echo,
+                                              response_format=response_format)
         eos = self.tokenizer.eos_id
         out_tokens, out_logprobs = [], []
         for p, r in zip(prompt_tokens, results):
@@ -114,20 +116,21 @@ class Llama:
 
     def text_completion(self, prompts: list[str], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: Optional[int] = None, logprobs: bool = False,
-                        echo: bool = False) -> list[CompletionPrediction]:
+                        echo: bool = False, response_format=None) -> list[CompletionPrediction]:
         """Continue each prompt: [{"generation": str}], plus "tokens" and "logprobs" with logprobs=True."""
         if max_gen_len is None:
             max_gen_len = self.max_seq_len - 1
         bos = self.generator.model.config.add_bos
         prompt_tokens = [self.tokenizer.encode(x, bos=bos, eos=False) for x in prompts]
-        tokens, probs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        tokens, probs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo, response_format)
         if logprobs:
             return [{"generation": self.tokenizer.decode(t), "tokens": [self.tokenizer.decode([x]) for x in t],
                      "logprobs": lp} for t, lp in zip(tokens, probs)]
         return [{"generation": self.tokenizer.decode(t)} for t in tokens]
 
     def chat_completion(self, dialogs: list[Dialog], temperature: float = 0.6, top_p: float = 0.9,
-                        max_gen_len: Optional[int] = None, logprobs: bool = False) -> list[ChatPrediction]:
+                        max_gen_len: Optional[int] = None, logprobs: bool = False,
+                        response_format=None) -> list[ChatPrediction]:
         """Answer each dialog: [{"generation": {"role": "assistant", "content": str}}], plus "tokens" and
         "logprobs" with logprobs=True. The folder's chat format encodes (llama2: Meta's, token for token)."""
         if max_gen_len is None:
@@ -139,7 +142,8 @@ class Llama:
         unsafe = [any(isinstance(m, dict) and isinstance(m.get("content"), str) and tag in m["content"]
                       for tag in tags for m in dialog) for dialog in dialogs]
         prompt_tokens = [self.generator.chat_ids(d) for d, bad in zip(dialogs, unsafe) if not bad]
-        tokens, probs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        tokens, probs = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs,
+                                      response_format=response_format)
         answers = iter(zip(tokens, probs or [None] * len(tokens)))
         out: list[ChatPrediction] = []
         for bad in unsafe:

@@ -49,7 +49,7 @@ class TextGenerationPipeline:
     def __call__(self, text_inputs, *, max_new_tokens: int | None = None, max_length: int | None = None,
                  do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
                  top_k: int | None = None, repetition_penalty: float | None = None, return_full_text: bool = True,
-                 seed: int | None = None):
+                 seed: int | None = None, response_format=None):
         single = isinstance(text_inputs, str) or _is_chat(text_inputs)
         inputs = [text_inputs] if single else list(text_inputs)
         if not inputs:
@@ -66,14 +66,12 @@ class TextGenerationPipeline:
         # greedy without do_sample: transformers ignores temperature, top_p and top_k then too
         params = sampling("hf", greedy=not do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
                           repetition_penalty=repetition_penalty)
-        results = self.generator.generate_ids(prompts, limits, params, seed=seed)
+        results = self.generator.generate_ids(prompts, limits, params, seed=seed, response_format=response_format)
         outputs = [[{"generated_text": self._output(x, r.tokens, return_full_text)}] for x, r in zip(inputs, results)]
         return outputs[0] if single else outputs
 
     def _encode(self, x) -> list[int]:
-        if _is_chat(x):
-            if x[-1].get("role") == "assistant":
-                raise UserError("a chat ending in an assistant message (a prefill) is not supported; end it with a user message")
+        if _is_chat(x):  # a chat ending in an assistant message is continued (transformers' continue_final_message)
             return self.generator.chat_ids(list(x))
         if not isinstance(x, str):
             raise UserError(f"text-generation takes a string, a chat (list of messages) or a list of those, got {type(x).__name__}")

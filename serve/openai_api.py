@@ -152,8 +152,13 @@ async def _chat_stream(service: Service, req: ChatCompletionRequest, group: RunG
         if calling and held[i] is not None:  # the answer was held back as a possible call
             content, calls = parse_calls(held[i] + event.tail)
             if calls:
-                deltas = [{"index": k, **c} for k, c in enumerate(calls)]
-                yield chunk(i, {"content": content, "tool_calls": deltas} if content else {"tool_calls": deltas})
+                if content:
+                    yield chunk(i, {"content": content})
+                for k, call in enumerate(calls):  # as OpenAI streams a call: id and name, then the arguments
+                    fn = call["function"]
+                    yield chunk(i, {"tool_calls": [{"index": k, "id": call["id"], "type": "function",
+                                                    "function": {"name": fn["name"], "arguments": ""}}]})
+                    yield chunk(i, {"tool_calls": [{"index": k, "function": {"arguments": fn["arguments"]}}]})
                 reason = "tool_calls" if reason == "stop" else reason
             elif content:
                 yield chunk(i, {"content": content})

@@ -144,6 +144,8 @@ class Service:
     def openai_requests(self, req, ids: list[int], max_tokens: int, *, logprobs: int | None, grammar,
                         prompt_logprobs: bool = False) -> list[GenRequest]:
         """An OpenAI request's n engine requests for one prompt (choice k samples with seed + k)."""
+        if (req.n or 1) > self.engine.max_batch:
+            raise bad_request(f"n is at most the server's --max-batch ({self.engine.max_batch}), got {req.n}", param="n")
         vocab = self.gen.model.config.model.vocab_size
         if bad := [t for t, _ in req.bias if t >= vocab]:
             raise bad_request(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})", param="logit_bias")

@@ -105,3 +105,37 @@ def test_grammar_of():
     assert grammar_of(None) is None and grammar_of({"type": "text"}) is None
     assert grammar_of({"type": "json_object"}) == Grammar.json_object()
     assert grammar_of({"type": "json_schema", "json_schema": {"schema": CITY}}) == Grammar.json_schema(CITY)
+
+
+SCHEMAS = {
+    "nested object": {"type": "object", "additionalProperties": False, "required": ["person"],
+                      "properties": {"person": {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+                                                "properties": {"name": {"type": "string", "maxLength": 12},
+                                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}}}}},
+    "array": {"type": "object", "additionalProperties": False, "required": ["tags"],
+              "properties": {"tags": {"type": "array", "minItems": 1, "maxItems": 3,
+                                      "items": {"type": "string", "maxLength": 8}}}},
+    "enum": {"type": "object", "additionalProperties": False, "required": ["colour"],
+             "properties": {"colour": {"enum": ["red", "green", "blue"]}}},
+    "bounded numbers": {"type": "object", "additionalProperties": False, "required": ["x", "p"],
+                        "properties": {"x": {"type": "integer", "minimum": -5, "maximum": 5},
+                                       "p": {"type": "number", "minimum": 0, "maximum": 1}}},
+    "optional fields": {"type": "object", "additionalProperties": False, "required": ["id"],
+                        "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 999},
+                                       "note": {"type": "string", "maxLength": 10}}},
+    "anyOf": {"type": "object", "additionalProperties": False, "required": ["value"],
+              "properties": {"value": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 9},
+                                                 {"type": "string", "maxLength": 6}, {"type": "boolean"}]}}},
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEMAS))
+def test_twenty_samples_at_temperature_one_validate(smol, name):
+    """The conformance check: 20 answers sampled at temperature 1 (rows of one batch, seeds 100 + i)."""
+    schema = SCHEMAS[name]
+    ids = smol.chat_ids([{"role": "user", "content": f"Reply with JSON for: {name}."}])
+    results = smol.generate_ids([ids] * 20, 160, SamplingParams(temperature=1.0), seed=100,
+                                response_format=Grammar.json_schema(schema))
+    for r in results:
+        assert r.finish_reason == "stop", r.text
+        jsonschema.validate(json.loads(r.text), schema)

@@ -17,7 +17,7 @@ GREEDY = dict(temperature=0, max_tokens=8)
 
 @pytest.fixture(scope="module")
 def client(tiny_onnx_ort):
-    with serving(tiny_onnx_ort, max_batch=2, model_id=MODEL) as (url, service):
+    with serving(tiny_onnx_ort, max_batch=4, model_id=MODEL) as (url, service):
         yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=30), service
 
 
@@ -45,7 +45,7 @@ def test_runs_of_one_role_and_a_continued_answer(client):
 
 def test_still_refused(client):
     c, _ = client
-    for messages in ([{"role": "tool", "content": "x"}], [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]):
+    for messages in ([{"role": "function", "content": "x"}], [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]):
         with pytest.raises(openai.BadRequestError) as e:
             c.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
         assert "messages" in str(e.value)
@@ -72,6 +72,13 @@ def test_n_choices_are_the_seeded_single_runs(client):
     assert [ch.index for ch in comp.choices] == [0, 1, 2, 3]
     assert comp.choices[2].text == c.completions.create(model=MODEL, prompt="The dog", max_tokens=6, temperature=1.0,
                                                         seed=5).choices[0].text
+
+
+def test_n_above_the_rows_is_a_400(client):
+    c, _ = client
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2, n=5)
+    assert e.value.body["param"] == "n" and "--max-batch" in e.value.body["message"]
 
 
 def test_token_id_prompts(client):

@@ -60,14 +60,17 @@ def test_streamed_call_equals_the_plain_one(client):
     c, _ = client
     plain = c.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0,
                                       max_tokens=120, parallel_tool_calls=False).choices[0].message.tool_calls[0]
-    calls, reasons = [], []
+    calls, reasons = {}, []  # as an OpenAI client adds up the deltas: by index, the arguments concatenated
     for chunk in c.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0,
                                            max_tokens=120, parallel_tool_calls=False, stream=True):
         for ch in chunk.choices:
-            calls += ch.delta.tool_calls or []
+            for d in ch.delta.tool_calls or []:
+                got = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                got["name"] += (d.function.name or "") if d.function else ""
+                got["arguments"] += (d.function.arguments or "") if d.function else ""
             reasons.append(ch.finish_reason)
-    assert reasons[-1] == "tool_calls" and len(calls) == 1
-    assert (calls[0].function.name, calls[0].function.arguments) == (plain.function.name, plain.function.arguments)
+    assert reasons[-1] == "tool_calls" and list(calls) == [0]
+    assert (calls[0]["name"], calls[0]["arguments"]) == (plain.function.name, plain.function.arguments)
 
 
 def test_auto_and_none_answer_in_text(client):

@@ -212,7 +212,7 @@ def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: 
         from starlette.middleware.cors import CORSMiddleware
 
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["Authorization", "Content-Type", "X-Session-ID"])
     return app
 
 

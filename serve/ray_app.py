@@ -168,9 +168,16 @@ class LlamaReplica:
             self.state.service.close()
 
 
+ROUTER = "llama2_onnx.serve.ray_router:SessionAffinityRouter"  # a conversation's turns to one replica
+
+
 def build_app(options: ReplicaOptions, scaling: Scaling) -> Application:
-    """The Serve application: LlamaReplica with the scaling's options, bound to the replica options."""
-    return LlamaReplica.options(**scaling.deployment_options(options.threads), **_shutdown_options(options)).bind(options)
+    """The Serve application: LlamaReplica with the scaling's options, bound to the replica options,
+    routed by session (serve/ray_router.py)."""
+    from ray.serve.config import RequestRouterConfig
+
+    return LlamaReplica.options(**scaling.deployment_options(options.threads), **_shutdown_options(options),
+                                request_router_config=RequestRouterConfig(request_router_class=ROUTER)).bind(options)
 
 
 def _shutdown_options(options: ReplicaOptions) -> dict:

@@ -40,7 +40,8 @@ def test_llm_cli_json_object(url, tmp_path):
         pytest.skip("the llm CLI is not installed (the dev extra installs it)")
     (tmp_path / "extra-openai-models.yaml").write_text(f'- model_id: smol\n  model_name: {MODEL}\n  api_base: "{url}/v1"\n')
     env = {**os.environ, "LLM_USER_PATH": str(tmp_path), "OPENAI_API_KEY": "none"}
-    r = subprocess.run([str(llm), "-m", "smol", "-o", "json_object", "1", "--no-log",
+    r = subprocess.run([str(llm), "-m", "smol", "-o", "json_object", "1", "-o", "temperature", "0",
+                        "-o", "max_tokens", "80", "--no-log",
                         "Return a JSON object with one key, city, naming the capital of France."],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -189,6 +189,28 @@ def test_two_replicas_answer_as_the_single_process_server(cluster, model_dir, re
 
 
 @pytest.mark.slow
+def test_a_conversation_stays_on_the_replica_holding_its_cache(cluster, model_dir):
+    """X-Session-ID (serve/ray_router.py): both turns of each conversation reach one replica, whose
+    prefix cache serves the second (cached_tokens > 0); ten conversations use both replicas."""
+    import httpx
+
+    seen: dict[str, set] = {}
+    with httpx.Client(timeout=120) as http:
+        for k in range(10):
+            session, messages = f"conversation-{k}", [{"role": "user", "content": f"Tell me fact number {k} about foxes."}]
+            for turn in range(2):
+                r = http.post(cluster + "/v1/chat/completions", headers={"X-Session-ID": session},
+                              json={"model": model_dir.name, "messages": messages, "max_tokens": 8, "temperature": 0})
+                assert r.status_code == 200, r.text
+                seen.setdefault(session, set()).add(r.headers[REPLICA_HEADER])
+                messages = messages + [{"role": "assistant", "content": r.json()["choices"][0]["message"]["content"]},
+                                       {"role": "user", "content": "Go on."}]
+            assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0, (r.json()["usage"], seen)
+    assert all(len(replicas) == 1 for replicas in seen.values()), seen
+    assert len(set().union(*seen.values())) == 2
+
+
+@pytest.mark.slow
 def test_a_killed_replica_is_replaced_and_the_next_requests_succeed(cluster, model_dir, reference):
     import httpx
 

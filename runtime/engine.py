@@ -120,7 +120,11 @@ class Engine:
         self.clients: dict[Sequence, _Client] = {}
         self.grammars = Grammars(tokenizer, self.stop_ids)  # llguidance, imported on the first grammar
         self.counts: Counter = Counter()  # steps, prefill_chunks, tokens, finished by reason
-        self._cond = threading.Condition()  # guards the scheduler's queues and clients (submit runs on other threads)
+        # The scheduler, the slots and the pool belong to the engine thread; _cond guards what other
+        # threads touch: the inbox (submitted, not yet scheduled), clients, credit and the backlog figure.
+        self._cond = threading.Condition()
+        self._inbox: list[Sequence] = []
+        self._backlog = self.scheduler.queued  # waiting beyond the free rows at the last round (< 0: rows free)
         self._thread: threading.Thread | None = None
         self._closing = False
         self._kicked = False  # something changed since the loop last looked (no wake-up is lost)
@@ -133,9 +137,12 @@ class Engine:
     # ---- the caller's side (any thread) ---------------------------------------------------------
     def start(self) -> None:
         with self._cond:
-            if self._thread is None or (not self._thread.is_alive() and not self._closing):  # (again, if it died)
-                self._thread = threading.Thread(target=self._loop, name="llama2-onnx-engine", daemon=True)
-                self._thread.start()
+            self._start()
+
+    def _start(self) -> None:  # with self._cond held
+        if self._thread is None or (not self._thread.is_alive() and not self._closing):  # (again, if it died)
+            self._thread = threading.Thread(target=self._loop, name="llama2-onnx-engine", daemon=True)
+            self._thread.start()
 
     def close(self) -> None:
         """Stop the scheduler; every request not finished gets FinishEvent("cancelled")."""
@@ -146,8 +153,7 @@ class Engine:
             return
         if self._thread is not None:
             self._thread.join()
-        else:
-            self._cancel_all()
+        self._cancel_all()  # (the loop's own did it, unless the thread had died)
 
     def submit(self, req: GenRequest, on_event: Callable[[Event], None], *, credit: int | None = None) -> Handle:
         """Queue req; on_event gets its events on the scheduler thread (it must not block). credit: a
@@ -168,11 +174,14 @@ class Engine:
         with self._cond:
             if self._closing:
                 raise EngineClosed("the engine is closed")
-            if self.scheduler.queued >= self.max_queue:
-                raise QueueFull(f"{self.scheduler.queued} requests are waiting for a row (max_queue {self.max_queue})")
+            queued = self._backlog + len(self._inbox)
+            if queued >= self.max_queue:
+                raise QueueFull(f"{queued} requests are waiting for a row (max_queue {self.max_queue})")
             self.clients[seq] = _Client(on_event, handle, [] if req.logprobs is not None else None)
-            self.scheduler.add(seq)
+            self._inbox.append(seq)
             self._kick()
+            if self._thread is not None:
+                self._start()  # a thread that died of a bug is replaced, rather than leaving requests unanswered
         return handle
 
     def stats(self) -> dict:
@@ -180,7 +189,8 @@ class Engine:
         steps; prefill_runs = prompt runs (one run may carry several rows' first chunks)."""
         c, sched = self.counts, self.scheduler
         with self._cond:
-            running, queued, free = list(sched.running), len(sched.waiting), len(sched.free)
+            inbox = len(self._inbox)
+        running, queued, free = list(sched.running), len(sched.waiting) + inbox, len(sched.free)  # (a moment's view)
         return {"running": len(running), "decoding": sum(not s.reading for s in running), "queued": queued,
                 "max_batch": self.max_batch, "free_slots": free, "context": self.context,
                 "steps": c["steps"], "prefill_chunks": c["prefill_chunks"], "prefill_runs": c["prefill_runs"],
@@ -242,9 +252,15 @@ class Engine:
     def step(self) -> bool:
         """One round: retire, schedule, one prompt run, one decode step (see the module docstring).
         False when there was nothing to run."""
-        self._retire()
         with self._cond:
-            plan = self.scheduler.schedule()
+            inbox, self._inbox = self._inbox, []
+            for seq in inbox:
+                if seq in self.clients:  # (not cancelled before it was scheduled: _retire finished those)
+                    self.scheduler.add(seq)
+        self._retire()
+        plan = self.scheduler.schedule()  # admission may copy cached prefixes: outside the lock
+        with self._cond:
+            self._backlog = self.scheduler.queued
         if plan.prefill:
             self._prefill(plan.prefill, plan.chunks)
         decoding = [s for s in plan.decode if s.finish_reason is None and not s.reading]
@@ -253,8 +269,13 @@ class Engine:
         return bool(plan.prefill or decoding)
 
     def _place(self, seq: Sequence, free: list[int]) -> int:
-        """The scheduler's admission (under self._cond): the row the KV pool gives seq, past its cached prefix."""
-        row, seq.cached = self.pool.place(seq.req.prompt, free, seq.req.cache_prompt and not seq.req.prompt_logprobs)
+        """The scheduler's admission: the row the KV pool gives seq, past its cached prefix."""
+        try:
+            row, seq.cached = self.pool.place(seq.req.prompt, free, seq.req.cache_prompt and not seq.req.prompt_logprobs)
+        except Exception:  # a bug or no memory for a copy: the request goes on without reuse, in an emptied row
+            log.exception("prefix cache placement failed; reading the whole prompt")
+            row, seq.cached = free[0], 0
+            self.pool.forget(row)
         seq.read = seq.cached
         return row
 
@@ -305,8 +326,7 @@ class Engine:
     def _decode(self, seqs: list[Sequence]) -> None:
         """One token for every seq (their last sampled tokens), in one batched step."""
         if self.pool.parked:
-            with self._cond:
-                self.pool.tidy(max(s.slot for s in seqs) + 1)
+            self.pool.tidy(max(s.slot for s in seqs) + 1)
         try:
             logits = self.slots.decode([s.slot for s in seqs], [s.tokens[-1] for s in seqs])  # (n, V)
         except Exception as e:
@@ -327,7 +347,11 @@ class Engine:
                 self._finish(seq, LENGTH)
                 continue
             req = seq.req
-            tok = int(sample(seq.adjusted(row)[None, :], req.params, seq.rng, prev_tokens=seq.history)[0])  # logprobs: raw
+            try:
+                tok = int(sample(seq.adjusted(row)[None, :], req.params, seq.rng, prev_tokens=seq.history)[0])  # logprobs: raw
+            except (SamplingError, GrammarError) as e:  # this row only (every token forbidden, a grammar's error)
+                self._finish(seq, ERROR, error=seq.constraint_error() or _one_line(e))
+                continue
             text, done = seq.append(tok)
             if tok in seq.stop_ids:
                 self._finish(seq)
@@ -361,12 +385,13 @@ class Engine:
             return False
 
     def _finish(self, seq: Sequence, reason: str | None = None, error: str | None = None) -> None:
-        """Send the FinishEvent and free the row (reason None: the one seq.append found)."""
+        """Send the FinishEvent and free the row (reason None: the one seq.append found). On the engine
+        thread (or in close() once it has ended)."""
+        row = self.scheduler.release(seq)
+        if row is not None:  # its tokens stay for later prompts (prefix_cache.py)
+            self.pool.park(row, keep=reason != ERROR)
         with self._cond:
-            row = self.scheduler.release(seq)
             client = self.clients.pop(seq, None)
-            if row is not None:  # its tokens stay for later prompts (prefix_cache.py)
-                self.pool.park(row, keep=reason != ERROR)
         if client is None:  # finished already
             return
         tail = seq.finish(reason)

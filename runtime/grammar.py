@@ -11,8 +11,9 @@ onnxruntime-genai and llama.cpp use.
 Each step the sequence's matcher gives a bitmask of the tokens that keep the output a prefix of
 some text the grammar accepts; the logits outside it become -inf before sampling (greedy, sampled,
 penalised alike), and the sampled token advances the matcher. The stop tokens are allowed exactly
-when the text so far is complete, so a JSON answer cannot end half-written (only its token limit,
-finish reason "length", can cut it). When nothing may follow (a closed JSON object, a matched
+when the text so far is complete, so a JSON answer cannot end half-written on its own: only what
+the caller asked for can cut it (its token limit, finish reason "length"; a stop string it gave;
+its time limit; a cancel). When nothing may follow (a closed JSON object, a matched
 regex), the sequence ends at once with "stop".
 
 Why llguidance rather than xgrammar: it needs no torch (its NumPy helpers fill and apply the
@@ -206,6 +207,10 @@ class Constraint:
     def masked(self, logits: np.ndarray) -> np.ndarray:
         """A copy of one row of logits (V,) with the forbidden tokens at -inf."""
         return np.where(self.allowed(logits.shape[-1]), logits, np.float32(-np.inf)).astype(np.float32)
+
+    def error(self) -> str | None:
+        """What went wrong, once the matcher is in its error state (else None)."""
+        return f"the grammar failed: {_first_line(self.matcher.get_error())}" if self.matcher.is_error() else None
 
     def advance(self, token: int) -> bool:
         """Take the sampled token; True when the grammar is complete and nothing more may follow."""

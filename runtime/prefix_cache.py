@@ -81,8 +81,10 @@ class PrefixCache:
             want = np.asarray(prompt[:limit], np.int64)
             for r in range(self.slots.n_slots):
                 k = common_prefix(self.slots.held(r), want)
-                if k > n and (r in self.parked or (r not in free and self.slots.can_copy)):
-                    row, n = r, k
+                parked = r in self.parked
+                if k and (k > n or (k == n and parked and row not in self.parked)) \
+                        and (parked or (r not in free and self.slots.can_copy)):
+                    row, n = r, k  # (a tie goes to a parked row: it may be taken without a copy)
             for key, saved in self.host.items():
                 k = common_prefix(saved.ids, want)
                 if k > n:
@@ -91,12 +93,15 @@ class PrefixCache:
             self.parked.discard(row)  # the prompt goes on from all it holds: take the row itself
             self.slots.truncate(row, n)
             return self._took(row), n
+        saved = None
+        if host_key is not None:  # taken before _victim, whose own saving may push it out of host memory
+            saved = self.host[host_key]
+            self.host.move_to_end(host_key)
         target = self._victim(free, spare=row)
         if n and target == row:  # the source is the only free row (its whole content went to host memory)
             self.slots.truncate(row, n)
-        elif n and host_key is not None:
-            self.host.move_to_end(host_key)
-            self.slots.load(target, self.host[host_key])
+        elif n and saved is not None:
+            self.slots.load(target, saved)
             self.slots.truncate(target, n)
         elif n:  # part of a parked row (left as it is for its own conversation) or of a running one
             self.slots.copy(row, target, n)
@@ -117,14 +122,23 @@ class PrefixCache:
         self.used[row] = self._clock
 
     def tidy(self, span: int) -> None:
-        """A decode step is about to span rows [0, span): a parked row there would cost the step attention
-        over all its tokens (GQA reads every row it is given), so each one that host memory can hold
-        moves there and its row is emptied. One that cannot stays: dropping it would cost recomputing it."""
+        """A fused decode step is about to span rows [0, span): a parked row there would cost the step
+        attention over all its tokens (GQA reads every row it is given), so each one that host memory can
+        hold moves there and its row is emptied. One that cannot stays: dropping it would cost recomputing
+        it. (The portable graph runs only the rows asked for: nothing to do.)"""
+        if not self.slots.spans_rows:
+            return
         for row in sorted(r for r in self.parked if r < span):
             if self.slots.lengths[row] * self.slots.row_bytes_per_token <= self.host_limit:
                 self.parked.discard(row)
                 self._keep_on_host(row)
                 self.slots.release(row)
+
+    def forget(self, row: int) -> None:
+        """Empty the row, whatever it held (after a failure)."""
+        self.parked.discard(row)
+        self.slots.release(row)
+        self._took(row)
 
     def _took(self, row: int) -> int:
         self._clock += 1

@@ -186,7 +186,10 @@ def _greedy(logits: np.ndarray, params: SamplingParams, prev_tokens: TokenHistor
     # The penalty applies to greedy decoding too, as in Hugging Face.
     if prev_tokens is not None and params.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, prev_tokens, params.repetition_penalty)
-    return np.argmax(logits, axis=-1).astype(np.int64)  # (B,)
+    best = np.argmax(logits, axis=-1).astype(np.int64)  # (B,)
+    if not np.isfinite(logits[np.arange(len(best)), best]).all():  # (NaN is found by argmax too)
+        raise SamplingError("a row of logits has no finite maximum (all -inf, NaN, or +inf present)")
+    return best
 
 
 BLOCK = 1024  # a long row's inverse CDF sums blocks of this many columns first

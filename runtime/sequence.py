@@ -142,6 +142,9 @@ class Sequence:
                 logits[ids] -= req.presence_penalty + req.frequency_penalty * n
         return logits if self.constraint is None else self.constraint.masked(logits)
 
+    def constraint_error(self) -> str | None:
+        return None if self.constraint is None else self.constraint.error()
+
     def late(self, now: float) -> bool:
         return self.req.timeout_s is not None and now - self.submitted > self.req.timeout_s
 

@@ -70,6 +70,7 @@ class Slots:
         self.ids = np.zeros((n_slots, self.capacity), np.int64)  # the tokens each slot holds: ids[s, :lengths[s]]
         self.row_bytes_per_token = 2 * a.n_layers * a.n_kv_heads * a.head_dim * np.dtype(model.config.kv_dtype).itemsize
         self.can_copy = True  # copy() and save()/load() between rows and host memory (not on a GPU's fused rows)
+        self.spans_rows = False  # a decode step reads every row below the highest one it runs (fused)
 
     def free(self, slot: int) -> None:
         self.lengths[slot] = 0
@@ -143,6 +144,7 @@ class FusedSlots(Slots):
         self.device, self.device_id = model.provider.device, model.device_id
         self.on_cpu = self.device == "cpu"
         self.can_copy = self.on_cpu
+        self.spans_rows = True
         shape = (n_slots, *self.row_shape)
         # On the CPU NumPy arrays over anonymous mmaps (tests can look inside); else device memory.
         self.buffers = [_zeros_4k(shape, self.dtype) if self.on_cpu else

@@ -46,7 +46,8 @@ def _stream_error(event: FinishEvent, timeout_s: float | None) -> dict | None:
 
 
 def _usage(finished: list[FinishEvent], n: int = 1) -> dict:
-    """Each prompt counted once (its n choices read it once: the copies reuse the first's cache)."""
+    """Each prompt counted once, as OpenAI counts it, with the first choice's cached tokens (its n
+    choices share one prompt; with the prefix cache on, the others copy the first's cache)."""
     p = sum(f.prompt_tokens for f in finished[::n])
     c = sum(f.completion_tokens for f in finished)
     cached = sum(f.cached_tokens for f in finished[::n])
@@ -128,6 +129,11 @@ async def _chat_stream(service: Service, req: ChatCompletionRequest, group: RunG
 
     calling = bool(req.tools) and req.choice != "none"
     held = [""] * len(group.requests)  # with tools: text that may still be the start of a call
+    held_lp: list[list] = [[] for _ in group.requests]  # and its tokens' logprobs, sent with it
+
+    def release_lp(i: int) -> dict | None:
+        entries, held_lp[i] = held_lp[i], []
+        return {"content": entries} if req.logprobs else None
     for i in range(len(group.requests)):
         yield chunk(i, {"role": "assistant", "content": ""})
     async for i, event in group.events():
@@ -136,9 +142,12 @@ async def _chat_stream(service: Service, req: ChatCompletionRequest, group: RunG
             text = event.text
             if calling and held[i] is not None:
                 held[i] += text
+                if lp:
+                    held_lp[i] += lp["content"]
                 if may_be_call(held[i]):
                     continue
                 text, held[i] = held[i], None  # a plain answer: what was held goes out, and the rest as it comes
+                lp = release_lp(i)
             if text or lp:
                 yield chunk(i, {"content": text}, logprobs=lp)
             continue
@@ -153,15 +162,16 @@ async def _chat_stream(service: Service, req: ChatCompletionRequest, group: RunG
             content, calls = parse_calls(held[i] + event.tail)
             if calls:
                 if content:
-                    yield chunk(i, {"content": content})
+                    yield chunk(i, {"content": content}, logprobs=release_lp(i))
                 for k, call in enumerate(calls):  # as OpenAI streams a call: id and name, then the arguments
                     fn = call["function"]
                     yield chunk(i, {"tool_calls": [{"index": k, "id": call["id"], "type": "function",
-                                                    "function": {"name": fn["name"], "arguments": ""}}]})
+                                                    "function": {"name": fn["name"], "arguments": ""}}]},
+                                logprobs=release_lp(i) if k == 0 else None)
                     yield chunk(i, {"tool_calls": [{"index": k, "function": {"arguments": fn["arguments"]}}]})
                 reason = "tool_calls" if reason == "stop" else reason
-            elif content:
-                yield chunk(i, {"content": content})
+            elif content or held_lp[i]:
+                yield chunk(i, {"content": content}, logprobs=release_lp(i))
         elif event.tail:
             yield chunk(i, {"content": event.tail})
         yield chunk(i, {}, finish=reason)

@@ -16,11 +16,13 @@ response_format (json_object, json_schema with strict: constrained decoding, run
 messages with content as text parts, the developer role and name; completions prompts as text or
 token ids. `user`, `store`, `metadata` and `service_tier` are accepted and ignored. Extensions, as
 vLLM and llama-server name them: top_k, repetition_penalty, cache_prompt, json_schema and grammar
-(GBNF). Everything else (tools, images, audio) is a 400 naming the field.
+(GBNF). Tools and tool_choice are ChatCompletionRequest's (serve/tools.py renders and parses them).
+Everything else (images, audio) is a 400 naming the field.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -185,9 +187,13 @@ class Sampling(Strict):
             return v
         if len(v) > MAX_BIAS:
             raise ValueError(f"at most {MAX_BIAS} logit_bias entries, got {len(v)}")
+        ids = set()
         for key, bias in v.items():
-            if not key.isdigit():
+            if not re.fullmatch(r"[0-9]{1,10}", key):
                 raise ValueError(f"logit_bias keys are token ids as strings (\"15043\"), got {key[:20]!r}")
+            if int(key) in ids:
+                raise ValueError(f"logit_bias names token {int(key)} twice")
+            ids.add(int(key))
             if not -100 <= bias <= 100:
                 raise ValueError(f"logit_bias values are from -100 to 100, got {bias}")
         return v
@@ -208,19 +214,21 @@ class Sampling(Strict):
     @property
     def grammar_spec(self) -> tuple[Grammar | None, str]:
         """The grammar the output keeps to (None: free text), and the field it came from."""
+        field = "json_schema" if self.json_schema is not None else "grammar" if self.grammar is not None \
+            else "response_format"
         try:
             if self.json_schema is not None:
-                return Grammar.json_schema(self.json_schema), "json_schema"
+                return Grammar.json_schema(self.json_schema), field
             if self.grammar is not None:
-                return Grammar.gbnf(self.grammar), "grammar"
+                return Grammar.gbnf(self.grammar), field
             rf = self.response_format
             if rf is None or rf.type == "text":
-                return None, "response_format"
+                return None, field
             if rf.type == "json_object":
-                return Grammar.json_object(), "response_format"
-            return Grammar.json_schema(rf.json_schema.schema_, strict=bool(rf.json_schema.strict)), "response_format"
+                return Grammar.json_object(), field
+            return Grammar.json_schema(rf.json_schema.schema_, strict=bool(rf.json_schema.strict)), field
         except UserError as e:
-            raise ParamError("response_format", str(e)) from None
+            raise ParamError(field, str(e)) from None
 
     @property
     def stops(self) -> tuple[str, ...]:

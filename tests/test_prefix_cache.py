@@ -254,6 +254,38 @@ def test_parked_rows_leave_a_decode_steps_span(tiny_onnx_ort):
         g.close()
 
 
+def test_host_match_survives_the_victims_move_to_host(gen):
+    """The best prefix is in host memory, and the only free row is parked with another conversation that
+    host memory (room for one) takes in its place: the match is still loaded, exact."""
+    ids = prompt(gen, "A B C D E F G H I J K L M N O P Q R S T U V W X Y Z " * 3)[:60]
+    other = prompt(gen, "Completely different words here, nothing in common at all with the rest " * 2)[:50]
+    slots = make_slots(gen.model, 1)
+    whole = slots.prefill(0, ids, all_logits=True)
+    slots.free(0)
+    pool = PrefixCache(slots, host_gb=1)
+    pool.host_limit = 60 * slots.row_bytes_per_token  # one conversation at a time
+    slots.prefill(0, ids[:40])
+    pool.park(0)
+    assert pool.place(other, [0], reuse=False) == (0, 0)  # ids[:40] goes to host memory
+    slots.prefill(0, other)
+    pool.park(0)
+    assert pool.stats()["host_prefixes"] == 1
+    row, n = pool.place(ids, [0])  # other moves to host memory and pushes ids[:40] out: still loaded
+    assert (row, n) == (0, 40)
+    np.testing.assert_array_equal(slots.prefill(row, ids[n:], all_logits=True), whole[40:])
+
+
+def test_a_tie_goes_to_the_parked_row(gen):
+    """A running row and a parked row hold the same prefix: the parked row is taken, with no copy."""
+    ids = prompt(gen, "A B C D E F G H I J K L M N O P Q R S T U V W X Y Z " * 2)[:40]
+    slots = make_slots(gen.model, 3)
+    pool = PrefixCache(slots)
+    for row in (0, 1):
+        slots.prefill(row, ids[:30])
+    pool.park(1)  # row 0 runs on, row 1 is parked
+    assert pool.place(ids, [1, 2]) == (1, 30)
+
+
 @pytest.mark.parametrize("case", ["identical", "strict prefix", "diverges mid-way"])
 def test_reuse_cases_equal_a_cold_read(gen, case):
     """A prompt identical to a parked row's ids, one that is a strict prefix of them, one that leaves

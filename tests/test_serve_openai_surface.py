@@ -103,6 +103,10 @@ def test_logit_bias_and_penalties(client):
     banned = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=6, temperature=0,
                                        logit_bias={str(t): -100 for t in first}, logprobs=True)
     assert banned.choices[0].logprobs.content[0].token != plain.choices[0].logprobs.content[0].token
+    for bad in ({"²": 1}, {"01": 1, "1": 2}, {"-1": 1}, {"12345678901": 1}):  # not ids; one id twice
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, logit_bias=bad)
+        assert e.value.body["param"] == "logit_bias"
     # OpenAI's penalties, checked against the raw logprobs: each greedy token is the best of the top 20
     # once every earlier generated token's presence and frequency penalties are taken off
     r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=12, temperature=0, logprobs=True,

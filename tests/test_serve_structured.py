@@ -71,6 +71,7 @@ def test_completions_with_llama_server_fields(url):
 @pytest.mark.parametrize("body,param", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}}, "response_format"),
     ({"grammar": "root ::= undefined_rule"}, "grammar"),
+    ({"json_schema": {"type": "bogus"}}, "json_schema"),
     ({"response_format": {"type": "json_object"}, "grammar": 'root ::= "a"'}, "grammar"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),
     ({"response_format": {"type": "xml"}}, "response_format"),
@@ -134,16 +135,20 @@ def test_streamed_call_equals_the_plain_one(client):
     c = client
     plain = c.chat.completions.create(model=MODEL, messages=WEATHER_ASK, tools=TOOLS, tool_choice="required", temperature=0,
                                       max_tokens=120, parallel_tool_calls=False).choices[0].message.tool_calls[0]
-    calls, reasons = {}, []  # as an OpenAI client adds up the deltas: by index, the arguments concatenated
+    calls, reasons, logprobs = {}, [], []  # as an OpenAI client adds up the deltas: by index, the arguments concatenated
     for chunk in c.chat.completions.create(model=MODEL, messages=WEATHER_ASK, tools=TOOLS, tool_choice="required", temperature=0,
-                                           max_tokens=120, parallel_tool_calls=False, stream=True):
+                                           max_tokens=120, parallel_tool_calls=False, stream=True, logprobs=True,
+                                           stream_options={"include_usage": True}):
+        usage = chunk.usage or None
         for ch in chunk.choices:
+            logprobs += ch.logprobs.content if ch.logprobs else []
             for d in ch.delta.tool_calls or []:
                 got = calls.setdefault(d.index, {"name": "", "arguments": ""})
                 got["name"] += (d.function.name or "") if d.function else ""
                 got["arguments"] += (d.function.arguments or "") if d.function else ""
             reasons.append(ch.finish_reason)
     assert reasons[-1] == "tool_calls" and list(calls) == [0]
+    assert len(logprobs) == usage.completion_tokens  # the held-back tokens' logprobs still go out
     assert (calls[0]["name"], calls[0]["arguments"]) == (plain.function.name, plain.function.arguments)
 
 

@@ -4,6 +4,8 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
+# the demo needs the runtime and the exporter (its first run exports the default model) and nothing more
+DEMO_STAMP := $(VENV)/.installed-demo
 
 .PHONY: demo test setup browser llama-cpp
 
@@ -19,7 +21,12 @@ $(STAMP): setup.cfg pyproject.toml
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[export,serve,ray,dev]'
 	touch $(STAMP)
 
-demo: $(STAMP)
+$(DEMO_STAMP): setup.cfg pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[export]'
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	echo "What is the capital of France?" | $(VENV)/bin/llama2-onnx chat
 
 test: setup

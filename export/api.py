@@ -23,8 +23,9 @@ from llama2_onnx.models import checkpoint as ckpt
 from llama2_onnx.models import gguf_vocab
 from llama2_onnx.models.config import MAX_SEQ_LEN
 from llama2_onnx.models.llama import Transformer
-from llama2_onnx.runtime import contract
+from llama2_onnx.runtime import contract, generation_config
 from llama2_onnx.runtime.folder import PRECISIONS, FolderConfig
+from llama2_onnx.runtime.generation_config import GenerationConfig
 
 from . import folder as out_folder
 from . import staging
@@ -83,6 +84,12 @@ def _tokenizer_files(checkpoint: ckpt.Checkpoint, folder: Path, tokenizer: Path 
     return None, {}
 
 
+def checkpoint_generation_config(checkpoint: Path) -> GenerationConfig:
+    """The generation_config.json in a checkpoint folder (Hugging Face's; a Meta folder may hold one
+    too), checked; an empty one for a file (GGUF) or a folder without it."""
+    return GenerationConfig.read(checkpoint) if checkpoint.is_dir() else GenerationConfig()
+
+
 def _add_bos(checkpoint: ckpt.Checkpoint, tokenizer: str | None) -> bool:
     """Whether plain prompts start with BOS: the GGUF vocabulary says so; SentencePiece Llama does."""
     if checkpoint.gguf_vocab is not None and "tokenizer.ggml.add_bos_token" in checkpoint.gguf_vocab:
@@ -135,6 +142,7 @@ def export_model(
         raise UserError(f"--max-seq-len must be from 1 to {MAX_SEQ_LEN}, got {max_seq_len}")
     protect = ckpt.checkpoint_paths(checkpoint)
     staging.check_out(out, overwrite, protect)  # fail before the slow work
+    generation = checkpoint_generation_config(Path(checkpoint))
     hqq = int4 is not None and int4.algorithm == "hqq"  # fitted in a pass over the float32 graph
     names = ["load", "trace" if trace_graph else "write", *(["quantize"] if hqq else []), "save",
              *(["verify"] if verify_export else [])]
@@ -166,6 +174,8 @@ def export_model(
                     quantize_int4(tmp, int4)
             with stages.stage("save"):
                 tok_name, special = _tokenizer_files(source, tmp, Path(tokenizer) if tokenizer else None)
+                if generation.given and not args.is_classifier:  # the checkpoint's sampling defaults, checked
+                    (tmp / generation_config.FILE).write_text(generation.to_json())
                 cfg = FolderConfig(
                     model=args, precision=precision, graph=graph, opset=opset,
                     chat_format=chat_format or _default_chat_format(source, tok_name),

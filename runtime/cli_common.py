@@ -27,10 +27,12 @@ def add_model_arguments(p) -> None:
 
 def add_sampling_arguments(p, max_new_tokens: int) -> None:
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=f"default {max_new_tokens}")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (default 1)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 = off (default)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1)")
+    # left out: the model folder's generation_config.json (sampled where it says do_sample), else greedy
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy (default: the model folder's generation_config.json, else greedy)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, in (0, 1] (default: the folder's, else 1)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens; 0 = off (default: the folder's, else 0)")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats (default: the folder's, else 1)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--stop", action="append", default=[], help="stop when this text is produced (repeatable)")
 
@@ -41,7 +43,8 @@ def sampling_kwargs(args) -> dict:
     from .sampler import SamplingParams, make_rng
 
     make_rng(args.seed)
-    SamplingParams(args.temperature, args.top_p, args.top_k, args.repetition_penalty)
+    given = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty)
+    SamplingParams(**{k: v for k, v in given.items() if v is not None})  # the values given are checked here
     stop_strings(args.stop)
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                 top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)

@@ -206,6 +206,8 @@ class Engine:
             raise RequestError(f"the prompt is {n} tokens; the context is {self.context}")
         if min(req.prompt) < 0 or max(req.prompt) >= self.vocab_size:
             raise RequestError(f"a prompt token id is outside [0, {self.vocab_size})")
+        if any(not 0 <= t < self.vocab_size for t in req.stop_ids or ()):
+            raise RequestError(f"a stop token id is outside [0, {self.vocab_size})")
         if any(not 0 <= t < self.vocab_size for t, _ in req.logit_bias):
             raise RequestError(f"a logit_bias token id is outside [0, {self.vocab_size})")
         if req.max_tokens < (0 if req.prompt_logprobs else 1):
@@ -400,7 +402,8 @@ class Engine:
                                             seq.prompt_logprobs, error=error, ttft_s=seq.ttft_s, tail=tail,
                                             cached_tokens=seq.cached,
                                             prompt_top_logprobs=seq.prompt_top, tokens=tuple(seq.tokens),
-                                            logprobs=None if client.logprobs is None else tuple(client.logprobs)))
+                                            logprobs=None if client.logprobs is None else tuple(client.logprobs),
+                                            stop_token=seq.stop_token))
 
     def _cancel_all(self) -> None:
         with self._cond:

@@ -28,6 +28,7 @@ class FinishEvent:
     prompt_top_logprobs: list[list[tuple[int, float]] | None] | None = None  # per prompt token (the first: None)
     tokens: tuple[int, ...] = ()  # the generated ids (the stop token not included)
     logprobs: tuple[float, ...] | None = None  # with logprobs asked for: one per token in `tokens`
+    stop_token: int | None = None  # the stop token that ended it (reason "stop" by a token, not a stop string)
 
 
 Event = TokenEvent | FinishEvent

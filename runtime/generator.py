@@ -31,6 +31,7 @@ from llama2_onnx.errors import UserError
 
 from .chat_format import CHAT_FORMATS, Dialog, format_dialog
 from .engine import ERROR, Engine, FinishEvent, GenRequest, Handle, TokenEvent
+from .generation_config import GenerationConfig
 from .grammar import grammar_of
 from .prefix_cache import HOST_GB
 from .sampler import MAX_SEED, SamplingParams, make_rng
@@ -74,6 +75,7 @@ class GenerationResult:
     logprobs: list[float] | None = None  # with logprobs=True: one per token, log-softmax of the raw logits
     prompt_logprobs: list[float] | None = None  # with prompt_logprobs=True: one per prompt token, the first 0.0
     cached_tokens: int = 0  # prompt tokens whose KV cache was reused from an earlier call, not computed
+    stop_token: int | None = None  # the stop token that ended it (not in tokens), if one did
 
     def to_dict(self) -> dict:
         d = {"text": self.text, "tokens": self.tokens, "finish_reason": self.finish_reason,
@@ -152,6 +154,9 @@ class Generator:
         self.args = cfg.model
         self.chat_style = cfg.chat_format
         self.pad_id = self.args.fill_id
+        # the checkpoint's sampling defaults (runtime/generation_config.py); arguments given always win
+        folder = getattr(model, "folder", None)
+        self.generation = GenerationConfig.read(folder) if folder is not None else GenerationConfig()
         # one engine for every call; its thread starts with the first
         rows = max_batch or MAX_BATCH.get(model.provider.name, OTHER_MAX_BATCH)
         self.engine = Engine(model, tokenizer, self.stop_ids(), max_batch=rows, max_queue=1 << 30, context=context,
@@ -197,11 +202,14 @@ class Generator:
             raise UserError("the prompt is empty; give some text to continue")
         return self.tokenizer.encode(prompt, bos=self.model.config.add_bos, eos=False)
 
-    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 stop: str | Sequence[str] = (), logprobs: bool = False,
+    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 256, temperature: float | None = None,
+                 top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
+                 seed: int | None = None, stop: str | Sequence[str] = (), logprobs: bool = False,
                  prompt_logprobs: bool = False, response_format=None) -> GenerationResult | list[GenerationResult]:
         """Continue one prompt (returns a result) or a batch (returns a list; row i samples with seed + i).
+
+        Sampling left out (None) is the model folder's generation_config.json (sampled where it says
+        do_sample, as transformers reads it), else greedy (runtime/request.py).
 
         logprobs: each result carries its tokens' logprobs (log-softmax of the raw logits, before
         temperature, top-k, top-p and the penalty); prompt_logprobs: its prompt's as well (each
@@ -210,7 +218,7 @@ class Generator:
         {"type": "json_object"} / {"type": "json_schema", "json_schema": {"schema": {...}}}."""
         single = isinstance(prompts, str)
         ids = [self.encode_prompt(p) for p in ([prompts] if single else prompts)]
-        params = sampling("generator", temperature=temperature, top_p=top_p, top_k=top_k,
+        params = sampling("generator", folder=self.generation, temperature=temperature, top_p=top_p, top_k=top_k,
                           repetition_penalty=repetition_penalty)
         results = self.generate_ids(ids, max_new_tokens, params, seed, stop, logprobs, prompt_logprobs,
                                     response_format=response_format)
@@ -220,12 +228,13 @@ class Generator:
         """Like generate for one prompt, but yields text as it is produced."""
         return self.stream_ids(self.encode_prompt(prompt), **kwargs)
 
-    def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
-                   top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
+    def stream_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 256, temperature: float | None = None,
+                   top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
+                   seed: int | None = None,
                    stop: str | Sequence[str] = (), logprobs: bool = False, prompt_logprobs: bool = False,
                    response_format=None) -> TextStream:
         """stream() for a prompt already encoded (BOS or chat format applied)."""
-        params = sampling("generator", temperature=temperature, top_p=top_p, top_k=top_k,
+        params = sampling("generator", folder=self.generation, temperature=temperature, top_p=top_p, top_k=top_k,
                           repetition_penalty=repetition_penalty)
         requests = self._requests([list(prompt_ids)], max_new_tokens, params, seed, stop, logprobs, prompt_logprobs,
                                   response_format)
@@ -262,13 +271,15 @@ class Generator:
 
     def generate_ids(self, prompts: list[list[int]], max_new_tokens: int | Sequence[int], params: SamplingParams,
                      seed: int | None = None, stop: str | Sequence[str] = (), logprobs: bool = False,
-                     prompt_logprobs: bool = False, response_format=None) -> list[GenerationResult]:
+                     prompt_logprobs: bool = False, response_format=None,
+                     stop_ids: Sequence[int] | None = None) -> list[GenerationResult]:
         """Generate from token-id prompts; one result per prompt (row i samples with seed + i).
+        stop_ids: the tokens that end a row (default: stop_ids(), EOS and the chat format's).
 
         max_new_tokens: one limit for all rows, or one per row (0 allowed: that row's prompt is
         only scored); each row is also capped by the context its own prompt leaves."""
         requests = self._requests(prompts, max_new_tokens, params, seed, stop, logprobs, prompt_logprobs,
-                                  response_format)
+                                  response_format, stop_ids)
         results: list[GenerationResult | None] = [None] * len(prompts)
         submit = [r for r in requests if r is not None]
         if submit:
@@ -282,7 +293,7 @@ class Generator:
 
     # ---- requests and their events ---------------------------------------------------------
     def _requests(self, prompts, max_new_tokens, params: SamplingParams, seed, stop, logprobs: bool,
-                  prompt_logprobs: bool, response_format=None) -> list[GenRequest | None]:
+                  prompt_logprobs: bool, response_format=None, stop_ids=None) -> list[GenRequest | None]:
         """One engine request per prompt (None: a row with nothing to do), every limit checked here."""
         if not prompts or any(not p for p in prompts):
             raise UserError("the prompt is empty; give some text to continue")
@@ -299,7 +310,8 @@ class Generator:
                 out.append(None)
                 continue
             out.append(GenRequest(tuple(int(t) for t in p), b, params, seed=row_seed, stop=stops, grammar=grammar,
-                                  logprobs=0 if logprobs else None, prompt_logprobs=prompt_logprobs))
+                                  logprobs=0 if logprobs else None, prompt_logprobs=prompt_logprobs,
+                                  stop_ids=None if stop_ids is None else tuple(int(t) for t in stop_ids)))
         return out
 
     def _budgets(self, prompts: list[list[int]], max_new_tokens: int | Sequence[int], scoring: bool) -> list[int]:
@@ -360,4 +372,4 @@ def _result(fin: FinishEvent, timings: Timings, logprobs: bool) -> GenerationRes
     if fin.prompt_logprobs is not None:  # the first token has nothing before it: 0.0, as Meta's echo
         prompt_lp = [0.0 if x is None else x for x in fin.prompt_logprobs]
     return GenerationResult(fin.text, list(fin.tokens), fin.reason, fin.prompt_tokens, timings,
-                            list(fin.logprobs) if logprobs else None, prompt_lp, fin.cached_tokens)
+                            list(fin.logprobs) if logprobs else None, prompt_lp, fin.cached_tokens, fin.stop_token)

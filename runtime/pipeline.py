@@ -11,7 +11,8 @@ Outputs and arguments follow transformers' TextGenerationPipeline: a string give
 dict, a list of strings a list of such lists; a chat (a list of {"role", "content"} messages,
 encoded with the folder's chat format) gives the messages plus the assistant's reply. Greedy
 unless do_sample=True, which samples with transformers' GenerationConfig defaults (temperature
-1.0, top_k 50, top_p 1.0) unless given; max_new_tokens defaults to 256, max_length counts the
+1.0, top_k 50, top_p 1.0) unless given; left out, do_sample and those values are the model folder's
+generation_config.json's where it has one, as transformers reads it; max_new_tokens defaults to 256, max_length counts the
 prompt; return_full_text=False gives the new text only. Tasks are a registry, PIPELINES.
 """
 
@@ -47,7 +48,7 @@ class TextGenerationPipeline:
         return cls(Generator.from_dir(model, **_device_kwargs(device), **model_kwargs))
 
     def __call__(self, text_inputs, *, max_new_tokens: int | None = None, max_length: int | None = None,
-                 do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
+                 do_sample: bool | None = None, temperature: float | None = None, top_p: float | None = None,
                  top_k: int | None = None, repetition_penalty: float | None = None, return_full_text: bool = True,
                  seed: int | None = None, response_format=None):
         single = isinstance(text_inputs, str) or _is_chat(text_inputs)
@@ -63,8 +64,12 @@ class TextGenerationPipeline:
             limits = [DEFAULT_MAX_NEW_TOKENS] * len(prompts)
         if min(limits) < 0:
             raise UserError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
-        # greedy without do_sample: transformers ignores temperature, top_p and top_k then too
-        params = sampling("hf", greedy=not do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+        # greedy without do_sample: transformers ignores temperature, top_p and top_k then too; left out,
+        # do_sample and the sampling values are the folder's generation_config.json's (transformers' rule)
+        folder = self.generator.generation
+        if do_sample is None:
+            do_sample = folder.do_sample
+        params = sampling("hf", folder=folder, greedy=not do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
                           repetition_penalty=repetition_penalty)
         results = self.generator.generate_ids(prompts, limits, params, seed=seed, response_format=response_format)
         outputs = [[{"generated_text": self._output(x, r.tokens, return_full_text)}] for x, r in zip(inputs, results)]

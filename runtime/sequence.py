@@ -73,6 +73,7 @@ class GenRequest:
     logit_bias: tuple[tuple[int, float], ...] = ()
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    stop_ids: tuple[int, ...] | None = None  # the tokens that end it (None: the engine's: EOS and the chat format's)
 
 
 @dataclass(eq=False)
@@ -96,6 +97,7 @@ class Sequence:
     skipped: int = 0  # prompt runs that went to other readers since this one's last (the scheduler's aging)
     seen: set[int] | None = None  # ids in prompt + output, kept as they come (the repetition penalty's)
     credit: int | None = None  # decode steps the reader has asked for (None: no limit; a pulled stream's)
+    stop_token: int | None = None  # the stop token that ended it, if one did
     cut: bool = False  # a stop string was hit: what follows it is dropped, not released at the finish
     constraint: Constraint | None = None  # the grammar's state (req.grammar), made at submit
     counts: dict[int, int] | None = None  # generated ids and how often (OpenAI's presence/frequency penalties)
@@ -112,7 +114,8 @@ class Sequence:
 
     @classmethod
     def of(cls, req: GenRequest, stop_ids: set[int] | frozenset[int], tokenizer: Tokenizer, context: int) -> "Sequence":
-        return cls(req, frozenset(stop_ids), StreamDecoder(tokenizer), min(req.max_tokens, context - len(req.prompt)))
+        ids = stop_ids if req.stop_ids is None else req.stop_ids
+        return cls(req, frozenset(ids), StreamDecoder(tokenizer), min(req.max_tokens, context - len(req.prompt)))
 
     @property
     def reading(self) -> bool:
@@ -153,7 +156,7 @@ class Sequence:
         or stop string finishes it ("stop"; finish() then returns the tail), reaching its budget
         finishes it with "length"."""
         if token in self.stop_ids:
-            self.finish_reason = STOP
+            self.finish_reason, self.stop_token = STOP, token
             return "", True
         self.tokens.append(token)
         if self.seen is not None:

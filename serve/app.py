@@ -217,7 +217,7 @@ def create_app(state: ServerState, *, api_key: str | None = None, cors_origins: 
 
 
 def _model_card(service: Service) -> dict:
-    chat = sampling("openai")  # what a chat request gets for the fields it leaves out
+    chat = sampling("chat", folder=service.gen.generation)  # what a chat request gets for the fields it leaves out
     return {"id": service.model_id, "object": "model", "created": service.created, "owned_by": "llama2-onnx",
             "max_model_len": service.context,
             "chat_defaults": {"temperature": chat.temperature, "top_p": chat.top_p, "max_tokens": None}}

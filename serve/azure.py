@@ -24,8 +24,10 @@ DEFAULT_MAX_NEW_TOKENS = 128
 
 
 def _request(service: Service, ids: list[int], p: ScoreParameters, param: str):
-    params = sampling("hf", greedy=not p.do_sample, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k,
-                      repetition_penalty=p.repetition_penalty)
+    folder = service.gen.generation  # the folder's generation_config.json, under what the request gives
+    do_sample = folder.do_sample if p.do_sample is None else p.do_sample
+    params = sampling("hf", folder=folder, greedy=not do_sample, temperature=p.temperature, top_p=p.top_p,
+                      top_k=p.top_k, repetition_penalty=p.repetition_penalty)
     asked = DEFAULT_MAX_NEW_TOKENS if p.max_new_tokens is None else p.max_new_tokens
     n = service.budget(len(ids), asked, explicit=p.max_new_tokens is not None, param=param)
     return service.make_request(ids, n, params)

@@ -149,14 +149,22 @@ class Service:
         vocab = self.gen.model.config.model.vocab_size
         if bad := [t for t, _ in req.bias if t >= vocab]:
             raise bad_request(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab})", param="logit_bias")
-        common = dict(params=_sampling(req), stop=req.stops, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        common = dict(params=self.sampling(req), stop=req.stops, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
                       timeout_s=self.timeout_s, cache_prompt=req.cache_prompt, grammar=grammar, logit_bias=req.bias,
                       presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0)
         seeds = [None if req.seed is None else (req.seed + k) % (MAX_SEED + 1) for k in range(req.n or 1)]
         return [GenRequest(prompt=tuple(ids), max_tokens=max_tokens, seed=s, **common) for s in seeds]
 
+    def sampling(self, req) -> SamplingParams:
+        """An OpenAI request's sampling: what it gives, else the model folder's generation_config.json,
+        else the route's defaults (runtime/request.py's table: chat Meta's temperature 0.6 and top_p 0.9,
+        completions OpenAI's 1 and 1)."""
+        api = "chat" if isinstance(req, ChatCompletionRequest) else "openai"
+        return sampling(api, folder=self.gen.generation, temperature=req.temperature, top_p=req.top_p,
+                        top_k=req.top_k, repetition_penalty=req.repetition_penalty)
+
     def chat_requests(self, req: ChatCompletionRequest) -> list[GenRequest]:
-        """OpenAI defaults: temperature 1, top_p 1; without max_tokens, up to the end of the context.
+        """Sampling as self.sampling; without max_tokens, up to the end of the context.
         One engine request per choice (n)."""
         self.check_model(req.model)
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []]  # described even for "none"
@@ -227,10 +235,6 @@ class Service:
         return {"prompt": self.tokenizer.decode(req.tokens)}
 
 
-def _sampling(req) -> SamplingParams:
-    """An OpenAI request's sampling, the OpenAI defaults filled in (runtime/request.py's table)."""
-    return sampling("openai", temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                    repetition_penalty=req.repetition_penalty)
 
 
 class RunGroup:

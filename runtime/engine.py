@@ -43,15 +43,13 @@ from typing import Callable
 
 import numpy as np
 
-from llama2_onnx.errors import UserError
-
 from .events import EngineClosed, Event, FinishEvent, QueueFull, RequestError, TokenEvent
 from .grammar import GrammarError, Grammars
 from .logprobs import log_softmax, top_logprobs
-from .sampler import SamplingError, make_rng, sample
+from .sampler import SamplingError, sample
 from .prefix_cache import HOST_GB, PrefixCache
 from .scheduler import Scheduler
-from .sequence import CANCELLED, ERROR, LENGTH, REASONS, STOP, TIMEOUT, GenRequest, Sequence, stop_strings
+from .sequence import CANCELLED, ERROR, LENGTH, REASONS, STOP, TIMEOUT, GenRequest, Sequence
 from .session import PROMPT_CHUNK, Model
 from .slots import make_slots
 from .tokenizer import Tokenizer
@@ -162,7 +160,7 @@ class Engine:
 
         Raises RequestError for a request that cannot run, QueueFull when max_queue requests already wait
         beyond the free rows."""
-        self._check(req)
+        req.check(self.context, self.vocab_size)
         seq = Sequence.of(req, self.stop_ids, self.tokenizer, self.context)
         seq.credit = credit
         if req.grammar is not None:  # compiled here, on the caller's thread (cached per grammar)
@@ -197,31 +195,6 @@ class Engine:
                 "prompt_tokens": c["prompt_tokens"], "prompt_tokens_cached": c["prompt_tokens_cached"],
                 "generated_tokens": c["generated_tokens"], **self.pool.stats(),
                 **{f"finished_{r}": c[f"finished_{r}"] for r in REASONS}}
-
-    def _check(self, req: GenRequest) -> None:
-        n = len(req.prompt)
-        if n == 0:
-            raise RequestError("the prompt is empty")
-        if n >= self.context and not (n == self.context and req.max_tokens == 0):
-            raise RequestError(f"the prompt is {n} tokens; the context is {self.context}")
-        if min(req.prompt) < 0 or max(req.prompt) >= self.vocab_size:
-            raise RequestError(f"a prompt token id is outside [0, {self.vocab_size})")
-        if any(not 0 <= t < self.vocab_size for t in req.stop_ids or ()):
-            raise RequestError(f"a stop token id is outside [0, {self.vocab_size})")
-        if any(not 0 <= t < self.vocab_size for t, _ in req.logit_bias):
-            raise RequestError(f"a logit_bias token id is outside [0, {self.vocab_size})")
-        if req.max_tokens < (0 if req.prompt_logprobs else 1):
-            raise RequestError(f"max_tokens must be at least 1, got {req.max_tokens}")
-        try:
-            stop_strings(req.stop)
-        except UserError as e:
-            raise RequestError(str(e)) from None
-        if req.logprobs is not None and req.logprobs < 0:
-            raise RequestError(f"logprobs must be >= 0, got {req.logprobs}")
-        try:
-            make_rng(req.seed)
-        except SamplingError as e:
-            raise RequestError(str(e)) from None
 
     def _wake(self) -> None:
         with self._cond:

@@ -36,14 +36,15 @@ import numpy as np
 
 from llama2_onnx.errors import UserError
 
-from .generation_config import HF_DEFAULTS, GenerationConfig
+from .generation_config import GenerationConfig
 from .request import sampling
 
 OURS = ("provider", "threads", "max_batch", "context", "prefix_cache", "prefix_cache_gb", "device_id")
 GENERATE_KEYS = ("max_length", "max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty",
                  "num_return_sequences", "eos_token_id", "pad_token_id", "bos_token_id")
-HARMLESS = ("use_cache", "output_attentions", "output_hidden_states", "return_dict", "token_type_ids",
-            "position_ids", "return_dict_in_generate", "output_scores", "output_logits")  # False/None only
+IGNORED = ("use_cache", "token_type_ids", "return_dict")  # change nothing here
+OFF_ONLY = ("return_dict_in_generate", "output_scores", "output_logits", "output_attentions",
+            "output_hidden_states")  # accepted when false (what they would return is not built)
 
 
 # ---- arrays: numpy in and out, torch only when the caller's are torch ----------------------------------
@@ -319,8 +320,7 @@ class CausalLM:
         if given is None:
             raise UserError("generate needs input_ids (the tokenizer's output: model.generate(**inputs))")
         for key in list(kwargs):
-            if key in HARMLESS and kwargs[key] in (None, False, True) and not (
-                    key in ("return_dict_in_generate", "output_scores", "output_logits") and kwargs[key]):
+            if key in IGNORED or (key in OFF_ONLY and not kwargs[key]):
                 kwargs.pop(key)
         unknown = sorted(set(kwargs) - set(GENERATE_KEYS))
         if unknown:
@@ -413,5 +413,4 @@ class SequenceClassifier:
     forward = __call__
 
 
-__all__ = ["AutoTokenizer", "AutoModelForCausalLM", "AutoModelForSequenceClassification", "BatchEncoding",
-           "HF_DEFAULTS"]
+__all__ = ["AutoTokenizer", "AutoModelForCausalLM", "AutoModelForSequenceClassification", "BatchEncoding"]

@@ -24,6 +24,7 @@ import numpy as np
 
 from llama2_onnx.errors import UserError
 
+from .events import RequestError
 from .grammar import Constraint, Grammar
 from .sampler import SamplingParams, make_rng
 from .tokenizer import StreamDecoder, Tokenizer
@@ -54,8 +55,8 @@ def split_at_stop(pending: str, stop: Seq[str]) -> tuple[str, str, bool]:
 
 @dataclass(frozen=True)
 class GenRequest:
-    """What one sequence asks for, validated once by Request.check (runtime/request.py callers) or the
-    engine's submit."""
+    """What one sequence asks for: the APIs check what their users give (runtime/request.py), and the
+    engine's submit checks the request once more (check)."""
 
     prompt: tuple[int, ...]  # token ids, BOS / chat format already applied
     max_tokens: int  # >= 1 (0: the prompt is only scored, with prompt_logprobs); also capped at the context
@@ -74,6 +75,27 @@ class GenRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stop_ids: tuple[int, ...] | None = None  # the tokens that end it (None: the engine's: EOS and the chat format's)
+
+    def check(self, context: int, vocab_size: int) -> None:
+        """The engine's last guard (submit): RequestError naming what cannot run."""
+        n = len(self.prompt)
+        if n == 0:
+            raise RequestError("the prompt is empty")
+        if n >= context and not (n == context and self.max_tokens == 0):
+            raise RequestError(f"the prompt is {n} tokens; the context is {context}")
+        for what, ids in (("prompt", self.prompt), ("stop", self.stop_ids or ()),
+                          ("logit_bias", [t for t, _ in self.logit_bias])):
+            if any(not 0 <= t < vocab_size for t in ids):
+                raise RequestError(f"a {what} token id is outside [0, {vocab_size})")
+        if self.max_tokens < (0 if self.prompt_logprobs else 1):
+            raise RequestError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise RequestError(f"logprobs must be >= 0, got {self.logprobs}")
+        try:
+            stop_strings(self.stop)
+            make_rng(self.seed)
+        except UserError as e:  # (SamplingError is one)
+            raise RequestError(str(e)) from None
 
 
 @dataclass(eq=False)

@@ -113,3 +113,27 @@ def smollm2_onnx(smollm2_gguf, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("smollm2") / "fp32"
     export_model(checkpoint=smollm2_gguf, out=out, precision="fp32", progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def text_classifier(llama_tokenizer_model, tmp_path_factory):
+    """(HF checkpoint, exported fp32 folder): a seeded random 2-label classifier with Llama 2's vocabulary."""
+    import json
+    import shutil
+
+    from llama2_onnx.export.api import export_model
+    from llama2_onnx.models import writers
+    from llama2_onnx.models.config import ModelArgs
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, ffn_hidden_dim=96,
+                     max_seq_len=64, num_labels=2, pad_id=0)
+    ckpt = tmp_path_factory.mktemp("cls-text")
+    writers.write_hf(writers.random_state_dict(args, seed=5), args, ckpt, labels=["NEGATIVE", "POSITIVE"])
+    shutil.copyfile(llama_tokenizer_model, ckpt / "tokenizer.model")
+    # for transformers' own pipeline: Llama's tokenizer, BOS first (as our folder's add_bos)
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    out = tmp_path_factory.mktemp("cls-text-onnx") / "fp32"
+    export_model(checkpoint=ckpt, out=out, progress=False)
+    return ckpt, out

@@ -138,22 +138,6 @@ def test_activation_follows_transformers_pipeline():
 
 # ---- a classifier with Llama 2's vocabulary: texts in, labels out ------------------------
 
-@pytest.fixture(scope="module")
-def text_classifier(llama_tokenizer_model, tmp_path_factory):
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, ffn_hidden_dim=96,
-                     max_seq_len=64, num_labels=2, pad_id=0)
-    ckpt = tmp_path_factory.mktemp("cls-text")
-    writers.write_hf(writers.random_state_dict(args, seed=5), args, ckpt, labels=["NEGATIVE", "POSITIVE"])
-    shutil.copyfile(llama_tokenizer_model, ckpt / "tokenizer.model")
-    # for transformers' own pipeline: Llama's tokenizer, BOS first (as our folder's add_bos)
-    (ckpt / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False,
-        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
-    out = tmp_path_factory.mktemp("cls-text-onnx") / "fp32"
-    export_model(checkpoint=ckpt, out=out, progress=False)
-    return ckpt, out
-
-
 def test_classify_texts(text_classifier):
     ckpt, folder = text_classifier
     clf = Classifier.from_dir(folder, huge_pages=False)

@@ -154,30 +154,38 @@ def test_tokenizer_conventions(ours, theirs):
         tokenizer(BATCH, return_tensors="np")
 
 
-def test_sequence_classifier(llama_tokenizer_model, tmp_path_factory):
-    from llama2_onnx.export.api import export_model
-    from llama2_onnx.models import writers
-    from llama2_onnx.models.config import ModelArgs
-
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=32000, ffn_hidden_dim=96,
-                     max_seq_len=64, num_labels=2, pad_id=0)
-    ckpt = tmp_path_factory.mktemp("auto-cls")
-    writers.write_hf(writers.random_state_dict(args, seed=5), args, ckpt, labels=["NEGATIVE", "POSITIVE"])
-    shutil.copyfile(llama_tokenizer_model, ckpt / "tokenizer.model")
-    (ckpt / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
-        "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>", "padding_side": "left"}))
-    out = tmp_path_factory.mktemp("auto-cls-onnx") / "fp32"
-    export_model(checkpoint=ckpt, out=out, progress=False)
-
+def test_sequence_classifier(text_classifier):
+    ckpt, out = text_classifier
     texts = ["I loved every minute of it.", "Dull."]
     ours = AutoModelForSequenceClassification.from_pretrained(out, dtype="auto")
     tok = AutoTokenizer.from_pretrained(out)
     logits = ours(**tok(texts, return_tensors="pt", padding=True)).logits
-    hf_tok = transformers.AutoTokenizer.from_pretrained(str(ckpt))
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(ckpt), padding_side="left")
+    hf_tok.pad_token = hf_tok.unk_token  # the checkpoint's pad_token_id 0
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(str(ckpt), dtype=torch.float32,
                                                                          attn_implementation="eager").eval()
     with torch.no_grad():
         want = hf(**hf_tok(texts, return_tensors="pt", padding=True)).logits
     assert isinstance(logits, torch.Tensor) and torch.allclose(logits, want, atol=1e-4)
     assert ours.id2label == {0: "NEGATIVE", 1: "POSITIVE"}
+
+
+@pytest.mark.slow
+def test_the_snippet_on_the_default_model(smollm2_onnx):
+    """SmolLM2 (byte-level BPE, ChatML): the snippet's ids are the Generator's greedy ones, and the
+    tokenizer's ids are transformers' reading of the same tokenizer.json."""
+    from tokenizers import Tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_onnx)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_onnx)
+    try:
+        inputs = tokenizer("The capital of France is", return_tensors="np")
+        outputs = model.generate(**inputs, max_length=24)
+        prompt = inputs["input_ids"][0].tolist()
+        assert prompt == Tokenizer.from_file(str(smollm2_onnx / "tokenizer.json")).encode(
+            "The capital of France is", add_special_tokens=False).ids
+        alone = model.generator.generate_ids([prompt], 24 - len(prompt), SamplingParams())[0]
+        assert outputs[0].tolist()[:len(prompt) + len(alone.tokens)] == prompt + alone.tokens
+        assert "Paris" in tokenizer.decode(outputs[0], skip_special_tokens=True)
+    finally:
+        model.close()

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .prefix_cache import HOST_GB
 from .providers import CHOICES
+from .speculate import DRAFT_TOKENS
 
 
 def add_model_arguments(p) -> None:
@@ -21,6 +22,11 @@ def add_model_arguments(p) -> None:
     p.add_argument("--no-prefix-cache", action="store_true",
                    help="read every prompt whole (default: a prompt that begins as an earlier one, such as the "
                         "next turn of a chat, reuses the KV cache of that beginning)")
+    p.add_argument("--speculative", default=None, metavar="ngram|DRAFT_FOLDER",
+                   help="speculative decoding for a stream decoding alone: ngram (prompt lookup) or a smaller model "
+                        "folder with the same tokenizer; the same output, faster where guesses hold (default off)")
+    p.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS, metavar="K",
+                   help=f"with --speculative: guesses a round at most, fewer where they fail (default {DRAFT_TOKENS})")
     p.add_argument("--prefix-cache-gb", type=float, default=HOST_GB, metavar="GB",
                    help=f"host memory for cached prefixes that lost their row of the KV cache (default {HOST_GB:g})")
 
@@ -66,10 +72,22 @@ def open_generator(args):
         from llama2_onnx.errors import UserError
 
         raise UserError(f"--prefix-cache-gb must be >= 0, got {args.prefix_cache_gb}")
+    check_speculative(args)
     return Generator.from_dir(model_folder(args), provider=args.provider, threads=args.threads,
                               io_binding=not args.no_io_binding, check_hashes=args.check_hashes,
                               huge_pages=not args.no_huge_pages, max_batch=getattr(args, "max_batch", None),
-                              prefix_cache=not args.no_prefix_cache, prefix_cache_gb=args.prefix_cache_gb)
+                              prefix_cache=not args.no_prefix_cache, prefix_cache_gb=args.prefix_cache_gb,
+                              speculative=args.speculative, draft_tokens=args.draft_tokens)
+
+
+def check_speculative(args) -> None:
+    """--speculative and --draft-tokens, before any model is opened."""
+    from llama2_onnx.errors import UserError
+
+    if args.draft_tokens < 1:
+        raise UserError(f"--draft-tokens must be at least 1, got {args.draft_tokens}")
+    if args.speculative not in (None, "ngram") and not Path(args.speculative).is_dir():
+        raise UserError(f"--speculative takes ngram or a draft model folder; {args.speculative} is neither")
 
 
 def default_model() -> Path:

@@ -38,12 +38,11 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from .events import EngineClosed, Event, FinishEvent, QueueFull, RequestError, TokenEvent
+from .events import Client, EngineClosed, Event, FinishEvent, Handle, QueueFull, RequestError, TokenEvent
 from .grammar import GrammarError, Grammars
 from .logprobs import log_softmax, top_logprobs
 from .sampler import SamplingError, sample
@@ -52,6 +51,7 @@ from .scheduler import Scheduler
 from .sequence import CANCELLED, ERROR, LENGTH, REASONS, STOP, TIMEOUT, GenRequest, Sequence
 from .session import PROMPT_CHUNK, Model
 from .slots import make_slots
+from .speculate import Speculator
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -62,47 +62,21 @@ __all__ = ["Engine", "GenRequest", "TokenEvent", "FinishEvent", "QueueFull", "Re
            "STOP", "LENGTH", "CANCELLED", "TIMEOUT", "ERROR"]
 
 
-# ---- the interface -------------------------------------------------------------------------
-
-
-class Handle:
-    def __init__(self, engine: "Engine", seq: Sequence):
-        self._engine, self._seq = engine, seq
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        """Thread-safe; the scheduler frees the row before its next step and sends FinishEvent("cancelled")."""
-        self.cancelled = True
-        self._engine._wake()
-
-    def grant(self, n: int = 1) -> None:
-        """A pulled sequence (submitted with credit): its reader asks for n more tokens. Thread-safe."""
-        with self._engine._cond:
-            if self._seq.credit is not None:
-                self._seq.credit += n
-            self._engine._kick()
-
-
-@dataclass
-class _Client:
-    on_event: Callable[[Event], None]
-    handle: Handle
-    logprobs: list[float] | None  # per generated token, when asked for
-
-
 # ---- the engine ------------------------------------------------------------------------------------
 
 
 class Engine:
     def __init__(self, model: Model, tokenizer: Tokenizer, stop_ids: set[int], *, max_batch: int = 8,
                  max_queue: int = 64, prompt_chunk: int | None = None, prefill_tokens: int | None = None,
-                 context: int | None = None, prefix_cache: bool = True, prefix_cache_gb: float = HOST_GB):
+                 context: int | None = None, prefix_cache: bool = True, prefix_cache_gb: float = HOST_GB,
+                 speculator: Speculator | None = None):
         """prompt_chunk: prompt tokens one run reads of one sequence (default: the model's, as its own
         chunked prompt passes); prefill_tokens: the most tokens (rows x longest chunk) one batched
         prompt run takes (default 2 chunks: 512 tokens on the CPU); context: the tokens a row holds at
         most, prompt included (default and cap: the model's); prefix_cache: reuse the KV cache of prompt
         prefixes rows hold, with prefix_cache_gb of host memory for those that lose their row
-        (runtime/prefix_cache.py)."""
+        (runtime/prefix_cache.py); speculator: speculative decoding for a sequence decoding alone
+        (runtime/speculate.py)."""
         if max_batch < 1 or max_queue < 0 or (prompt_chunk is not None and prompt_chunk < 1):
             raise ValueError("max_batch and prompt_chunk must be >= 1, max_queue >= 0")
         self.model, self.tokenizer, self.stop_ids = model, tokenizer, frozenset(stop_ids)
@@ -115,7 +89,8 @@ class Engine:
         self.prefill_tokens = self.scheduler.prefill_tokens
         self.context = self.slots.capacity
         self.vocab_size = model.config.model.vocab_size
-        self.clients: dict[Sequence, _Client] = {}
+        self.clients: dict[Sequence, Client] = {}
+        self.speculator = speculator
         self.grammars = Grammars(tokenizer, self.stop_ids)  # llguidance, imported on the first grammar
         self.counts: Counter = Counter()  # steps, prefill_chunks, tokens, finished by reason
         # The scheduler, the slots and the pool belong to the engine thread; _cond guards what other
@@ -175,7 +150,7 @@ class Engine:
             queued = self._backlog + len(self._inbox)
             if queued >= self.max_queue:
                 raise QueueFull(f"{queued} requests are waiting for a row (max_queue {self.max_queue})")
-            self.clients[seq] = _Client(on_event, handle, [] if req.logprobs is not None else None)
+            self.clients[seq] = Client(on_event, handle, [] if req.logprobs is not None else None)
             self._inbox.append(seq)
             self._kick()
             if self._thread is not None:
@@ -194,6 +169,7 @@ class Engine:
                 "steps": c["steps"], "prefill_chunks": c["prefill_chunks"], "prefill_runs": c["prefill_runs"],
                 "prompt_tokens": c["prompt_tokens"], "prompt_tokens_cached": c["prompt_tokens_cached"],
                 "generated_tokens": c["generated_tokens"], **self.pool.stats(),
+                **(self.speculator.stats() if self.speculator is not None else {}),
                 **{f"finished_{r}": c[f"finished_{r}"] for r in REASONS}}
 
     def _wake(self) -> None:
@@ -299,21 +275,47 @@ class Engine:
             seq.prompt_top += [top_logprobs(row, seq.req.logprobs) for row in logp]
 
     def _decode(self, seqs: list[Sequence]) -> None:
-        """One token for every seq (their last sampled tokens), in one batched step."""
+        """One token for every seq (their last sampled tokens), in one batched step; or, for a sequence
+        decoding alone, a speculative round where one pays (runtime/speculate.py)."""
         if self.pool.parked:
             self.pool.tidy(max(s.slot for s in seqs) + 1)
+        alone = seqs[0] if len(seqs) == 1 and self.speculator is not None else None
+        if alone is not None and self._speculate(alone):
+            return
+        start = time.perf_counter()
         try:
             logits = self.slots.decode([s.slot for s in seqs], [s.tokens[-1] for s in seqs])  # (n, V)
         except Exception as e:
             for seq in seqs:
                 self._finish(seq, ERROR, error=_one_line(e))
             return
+        if alone is not None:
+            self.speculator.plain(alone, time.perf_counter() - start)
+        self._stepped(seqs, 1)
+        self._postprocess(seqs, logits)
+
+    def _speculate(self, seq: Sequence) -> bool:
+        """A speculative round for seq; False when none pays this step (a plain step runs instead)."""
+        try:
+            got = self.speculator.round(seq, self.slots)
+        except Exception as e:
+            self._finish(seq, ERROR, error=_one_line(e))
+            return True
+        if got is None:
+            return False
+        tokens, logits = got
+        self._stepped([seq], len(tokens))
+        for tok, row in zip(tokens, logits):
+            if not self._take(seq, tok, row):
+                break
+        return True
+
+    def _stepped(self, seqs: list[Sequence], tokens: int) -> None:
         self.counts["steps"] += 1
         with self._cond:
             for seq in seqs:
                 if seq.credit is not None:
-                    seq.credit -= 1
-        self._postprocess(seqs, logits)
+                    seq.credit -= tokens
 
     def _postprocess(self, seqs: list[Sequence], logits: np.ndarray) -> None:
         """Sample one token per seq from its logits row, emit it, retire the finished."""
@@ -321,33 +323,38 @@ class Engine:
             if seq.budget == 0:  # the prompt was only scored
                 self._finish(seq, LENGTH)
                 continue
-            req = seq.req
             try:
-                tok = int(sample(seq.adjusted(row)[None, :], req.params, seq.rng, prev_tokens=seq.history)[0])  # logprobs: raw
+                tok = int(sample(seq.adjusted(row)[None, :], seq.req.params, seq.rng, prev_tokens=seq.history)[0])
             except (SamplingError, GrammarError) as e:  # this row only (every token forbidden, a grammar's error)
                 self._finish(seq, ERROR, error=seq.constraint_error() or _one_line(e))
                 continue
-            text, done = seq.append(tok)
-            if tok in seq.stop_ids:
-                self._finish(seq)
-                continue
-            if seq.constraint is not None:
-                try:
-                    if seq.constraint.advance(tok) and not done:  # the grammar is complete: nothing may follow
-                        done, seq.finish_reason = True, STOP
-                except GrammarError as e:
-                    self._finish(seq, ERROR, error=str(e))
-                    continue
-            self.counts["generated_tokens"] += 1
-            lp = top = None
-            if req.logprobs is not None:
-                logp = log_softmax(row)  # (V,)
-                lp, top = float(logp[tok]), top_logprobs(logp, req.logprobs)
-                self.clients[seq].logprobs.append(lp)
-            if self._emit(seq, self.clients[seq], TokenEvent(tok, text, lp, top)) and done:
-                self._finish(seq)
+            self._take(seq, tok, row)
 
-    def _emit(self, seq: Sequence, client: _Client, event: Event) -> bool:
+    def _take(self, seq: Sequence, tok: int, row: np.ndarray) -> bool:
+        """seq takes tok, sampled from row (its raw logits: they give the logprobs); emit it. False once
+        seq has finished."""
+        text, done = seq.append(tok)
+        if tok in seq.stop_ids:
+            self._finish(seq)
+            return False
+        if seq.constraint is not None:
+            try:
+                if seq.constraint.advance(tok) and not done:  # the grammar is complete: nothing may follow
+                    done, seq.finish_reason = True, STOP
+            except GrammarError as e:
+                self._finish(seq, ERROR, error=str(e))
+                return False
+        self.counts["generated_tokens"] += 1
+        lp = top = None
+        if seq.req.logprobs is not None:
+            logp = log_softmax(row)  # (V,)
+            lp, top = float(logp[tok]), top_logprobs(logp, seq.req.logprobs)
+            self.clients[seq].logprobs.append(lp)
+        if self._emit(seq, self.clients[seq], TokenEvent(tok, text, lp, top)) and done:
+            self._finish(seq)
+        return seq in self.clients
+
+    def _emit(self, seq: Sequence, client: Client, event: Event) -> bool:
         """Call the request's callback; a callback that raises cancels its request."""
         try:
             client.on_event(event)

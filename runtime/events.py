@@ -1,9 +1,10 @@
 """What the engine sends a request's caller (runtime/engine.py): a TokenEvent per token, then one
-FinishEvent; and the errors submit() raises."""
+FinishEvent; the errors submit() raises; the Handle it returns."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 
 @dataclass
@@ -44,3 +45,32 @@ class RequestError(ValueError):
 
 class EngineClosed(RuntimeError):
     """submit() after close()."""
+
+
+class Handle:
+    """What Engine.submit returns: the caller's hold on its request."""
+
+    def __init__(self, engine, seq):
+        self._engine, self._seq = engine, seq
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        """Thread-safe; the scheduler frees the row before its next step and sends FinishEvent("cancelled")."""
+        self.cancelled = True
+        self._engine._wake()
+
+    def grant(self, n: int = 1) -> None:
+        """A pulled sequence (submitted with credit): its reader asks for n more tokens. Thread-safe."""
+        with self._engine._cond:
+            if self._seq.credit is not None:
+                self._seq.credit += n
+            self._engine._kick()
+
+
+@dataclass
+class Client:
+    """The engine's record of a request's caller."""
+
+    on_event: Callable[[Event], None]
+    handle: Handle
+    logprobs: list[float] | None  # per generated token, when asked for

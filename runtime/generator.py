@@ -38,6 +38,7 @@ from .sampler import MAX_SEED, SamplingParams, make_rng
 from .request import sampling, token_budget
 from .sequence import LENGTH, stop_strings
 from .session import LOAD_STAGES, Model
+from .speculate import DRAFT_TOKENS, Speculator, make_speculator
 from .tokenizer import Tokenizer, load_tokenizer
 
 # rows of KV cache a Generator's engine keeps (calls and prompts decoded together): on the CPU rows
@@ -148,7 +149,7 @@ class _Run:
 
 class Generator:
     def __init__(self, model: Model, tokenizer: Tokenizer, max_batch: int | None = None, context: int | None = None,
-                 prefix_cache: bool = True, prefix_cache_gb: float = HOST_GB):
+                 prefix_cache: bool = True, prefix_cache_gb: float = HOST_GB, speculator: Speculator | None = None):
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
         self.args = cfg.model
@@ -160,12 +161,13 @@ class Generator:
         # one engine for every call; its thread starts with the first
         rows = max_batch or MAX_BATCH.get(model.provider.name, OTHER_MAX_BATCH)
         self.engine = Engine(model, tokenizer, self.stop_ids(), max_batch=rows, max_queue=1 << 30, context=context,
-                             prefix_cache=prefix_cache, prefix_cache_gb=prefix_cache_gb)
+                             prefix_cache=prefix_cache, prefix_cache_gb=prefix_cache_gb, speculator=speculator)
         weakref.finalize(self, self.engine.close)  # a dropped Generator stops its engine's thread
 
     @classmethod
     def from_dir(cls, path: str | Path, progress=None, max_batch: int | None = None, context: int | None = None,
-                 prefix_cache: bool = True, prefix_cache_gb: float = HOST_GB, **model_kwargs) -> "Generator":
+                 prefix_cache: bool = True, prefix_cache_gb: float = HOST_GB, speculative: str | None = None,
+                 draft_tokens: int = DRAFT_TOKENS, **model_kwargs) -> "Generator":
         """Open a model folder: Model.from_dir(path, progress=progress, **model_kwargs) plus its tokenizer.
 
         progress(stage, done, total), if given, is called as each of session.LOAD_STAGES begins
@@ -173,7 +175,8 @@ class Generator:
         (default 4 on the CPU, 1 on a GPU); context: the tokens a row holds, prompt and answer (default
         and cap: the model's); prefix_cache: a prompt that begins as an earlier one (the next turn of a
         chat) reads only what is new, with prefix_cache_gb of host memory for prefixes that lose their
-        row (runtime/prefix_cache.py)."""
+        row (runtime/prefix_cache.py); speculative: "ngram" or a draft model folder, draft_tokens guesses a
+        round at most: one stream's tokens faster with the same output (runtime/speculate.py)."""
         model = Model.from_dir(path, progress=progress, **model_kwargs)
         if not model.config.tokenizer:
             raise UserError(f"{path} has no tokenizer; export it again with --tokenizer PATH")
@@ -182,8 +185,11 @@ class Generator:
         tok = load_tokenizer(model.folder, bos_id=model.config.model.bos_id, eos_id=model.config.model.eos_id)
         if progress:
             progress("ready", len(LOAD_STAGES), len(LOAD_STAGES))
+        spec_kwargs = {k: v for k, v in model_kwargs.items() if k in ("provider", "threads", "device_id", "io_binding")}
+        speculator = make_speculator(speculative, model, min(context or model.config.model.max_seq_len,
+                                                             model.config.model.max_seq_len), draft_tokens, **spec_kwargs)
         return cls(model, tok, max_batch=max_batch, context=context, prefix_cache=prefix_cache,
-                   prefix_cache_gb=prefix_cache_gb)
+                   prefix_cache_gb=prefix_cache_gb, speculator=speculator)
 
     def stop_ids(self) -> set[int]:
         """The tokens that end a generation: EOS (and the checkpoint's other end ids) + the chat format's."""

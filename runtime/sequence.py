@@ -123,6 +123,7 @@ class Sequence:
     cut: bool = False  # a stop string was hit: what follows it is dropped, not released at the finish
     constraint: Constraint | None = None  # the grammar's state (req.grammar), made at submit
     counts: dict[int, int] | None = None  # generated ids and how often (OpenAI's presence/frequency penalties)
+    spec: object | None = None  # speculative decoding's record of this sequence (runtime/speculate.py SpecState)
 
     def __post_init__(self) -> None:
         self.rng = make_rng(self.req.seed)  # the same seed, the same draws, wherever it runs

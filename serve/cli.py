@@ -23,7 +23,7 @@ import webbrowser
 from pathlib import Path
 
 from llama2_onnx.errors import UserError
-from llama2_onnx.runtime.cli_common import add_model_arguments, model_folder, open_generator
+from llama2_onnx.runtime.cli_common import add_model_arguments, check_speculative, model_folder, open_generator
 
 from . import cli_ray
 from .limits import Limits
@@ -115,6 +115,7 @@ def _check(args) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be > 0 seconds, got {value}")
     if not args.prefix_cache_gb >= 0:
         raise UserError(f"--prefix-cache-gb must be >= 0, got {args.prefix_cache_gb}")
+    check_speculative(args)
     if not args.grace >= 0:
         raise UserError(f"--grace must be >= 0 seconds, got {args.grace}")
     if args.threads is not None and args.threads < 1:

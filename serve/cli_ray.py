@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 import webbrowser
+from pathlib import Path
 
 from llama2_onnx.errors import UserError
 from llama2_onnx.runtime.cli_common import model_folder
@@ -113,6 +114,9 @@ def run_ray(args, api_key: str | None, allowed_hosts: tuple[str, ...] | None = (
     folder = model_folder(args).resolve()  # replicas open it by this path
     FolderConfig.read(folder)  # a wrong folder fails here, in one line, before Ray starts
     scale = Scaling(**scaling(args))
+    speculative = args.speculative  # a draft folder is opened by the replicas by its full path
+    if speculative not in (None, "ngram"):
+        speculative = str(Path(speculative).resolve())
     threads = args.threads or default_threads(scale.max_replicas or scale.replicas)
     options = ReplicaOptions(model=str(folder), threads=threads, max_batch=args.max_batch, max_queue=args.max_queue,
                              timeout_s=args.timeout, provider=args.provider, api_key=api_key,
@@ -120,7 +124,8 @@ def run_ray(args, api_key: str | None, allowed_hosts: tuple[str, ...] | None = (
                              web=not args.no_web, check_hashes=args.check_hashes, huge_pages=not args.no_huge_pages,
                              io_binding=not args.no_io_binding, read_timeout_s=args.read_timeout,
                              allowed_hosts=allowed_hosts, grace_s=args.grace, prefix_cache=not args.no_prefix_cache,
-                             prefix_cache_gb=args.prefix_cache_gb)
+                             prefix_cache_gb=args.prefix_cache_gb, draft_tokens=args.draft_tokens,
+                             speculative=speculative)
     port = args.port or _free_port(args.host)
     local = args.ray_address is None
     if local:

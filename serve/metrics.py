@@ -89,6 +89,11 @@ class Metrics:
         family("requests_queued", "gauge", "requests waiting for a row", [f"requests_queued {queued}"])
         family("batch_occupancy", "gauge", "running requests / batch rows",
                [f"batch_occupancy {_num(running / rows if rows else 0.0)}"])
+        if stats.get("spec_rounds"):  # speculative decoding (--speculative)
+            family("speculative_acceptance_ratio", "gauge", "drafted tokens the model kept / drafted",
+                   [f"speculative_acceptance_ratio {_num(stats['spec_accepted'] / max(stats['spec_drafted'], 1))}"])
+            family("speculative_tokens_per_round", "gauge", "tokens taken per speculative round (kept guesses + 1)",
+                   [f"speculative_tokens_per_round {_num(stats['spec_tokens'] / stats['spec_rounds'])}"])
         for key, value in sorted(stats.items()):  # whatever else the engine reports
             if (key not in ("running", "queued") and re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", key)
                     and isinstance(value, (int, float)) and not isinstance(value, bool)):

@@ -68,6 +68,8 @@ class ReplicaOptions:
     io_binding: bool = True
     prefix_cache: bool = True
     prefix_cache_gb: float = 1.0
+    speculative: str | None = None  # "ngram" or a draft model folder (runtime/speculate.py)
+    draft_tokens: int = 8
 
     def __post_init__(self):
         if self.threads < 1 or self.max_batch < 1 or self.max_queue < 0 or self.max_body < 1:
@@ -154,7 +156,8 @@ class LlamaReplica:
         self.state.attach(Service.open(o.model, max_batch=o.max_batch, max_queue=o.max_queue, timeout_s=o.timeout_s,
                                        model_id=Path(o.model).name, provider=o.provider, threads=o.threads,
                                        io_binding=o.io_binding, check_hashes=o.check_hashes, huge_pages=o.huge_pages,
-                                       prefix_cache=o.prefix_cache, prefix_cache_gb=o.prefix_cache_gb))
+                                       prefix_cache=o.prefix_cache, prefix_cache_gb=o.prefix_cache_gb,
+                                       speculative=o.speculative, draft_tokens=o.draft_tokens))
 
     def __serve_build_asgi_app__(self):
         o = self.options

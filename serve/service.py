@@ -64,7 +64,8 @@ class Service:
         engine = gen.engine  # one engine: the generator's, when its rows are the ones asked for
         if engine.max_batch != max_batch:
             engine = Engine.from_generator(gen, max_batch=max_batch, max_queue=max_queue, context=engine.context,
-                                           prefix_cache=engine.pool.enabled, prefix_cache_gb=engine.pool.host_gb)
+                                           prefix_cache=engine.pool.enabled, prefix_cache_gb=engine.pool.host_gb,
+                                           speculator=engine.speculator)
         engine.max_queue = max_queue
         engine.start()
         return cls(gen, engine, model_id=model_id, timeout_s=timeout_s, metrics=metrics)

@@ -64,6 +64,10 @@ def add_arguments(p) -> None:
                         "continuous batching against one request at a time (see benchmarks/serve_bench.py)")
     p.add_argument("--clients", default="1,4,8", metavar="LIST", help="--serve: concurrent clients (default 1,4,8)")
     p.add_argument("--requests", type=int, default=3, help="--serve: requests per client (default 3)")
+    p.add_argument("--speculative", default=None, metavar="ngram|DRAFT_FOLDER",
+                   help="benchmark speculative decoding instead: one stream, on against off, on an input-grounded "
+                        "and open-ended prompts (decode tok/s, guesses kept, tokens per round; benchmarks/speculative_bench.py)")
+    p.add_argument("--draft-tokens", type=int, default=8, metavar="K", help="--speculative: guesses a round at most (default 8)")
 
 
 def run(args) -> int:
@@ -78,6 +82,8 @@ def run(args) -> int:
         raise UserError(f"--bandwidth-mb must be at least 1, got {args.bandwidth_mb}")
     if args.serve:
         return _run_serve(args)
+    if args.speculative is not None:
+        return _run_speculative(args)
     model = Path(args.model) if args.model else _default_model()
     # with JSON or Markdown on stdout, the human output goes to stderr
     log_to = sys.stderr if "-" in (args.json, args.markdown) else sys.stdout
@@ -129,6 +135,30 @@ def _run_serve(args) -> int:
             Path(args.json).write_text(data + "\n")
     if args.markdown and args.markdown != "-":
         Path(args.markdown).write_text(text + "\n")
+    return 0
+
+
+def _run_speculative(args) -> int:
+    import json
+
+    from .speculative_bench import format_text, run
+
+    if args.draft_tokens < 1:
+        raise UserError(f"--draft-tokens must be at least 1, got {args.draft_tokens}")
+    draft = None
+    if args.speculative != "ngram":
+        draft = Path(args.speculative)
+        if not draft.is_dir():
+            raise UserError(f"--speculative takes ngram or a draft model folder; {args.speculative} is neither")
+    model = Path(args.model) if args.model else _default_model()
+    result = run(model, draft, max(args.new_tokens, 2), max(args.repeats, 1), draft_tokens=args.draft_tokens)
+    print(format_text(result))
+    if args.json:
+        data = json.dumps(result, indent=2)
+        if args.json == "-":
+            print(data)
+        else:
+            Path(args.json).write_text(data + "\n")
     return 0
 
 

@@ -33,10 +33,13 @@ speculates too (each row is its own cache), though its rollback copies the row.
 
 Adaptive: each sequence keeps a decayed count of guesses kept and refused; each round picks the k
 that maximises the expected tokens per unit of time, E(k) = (1 - r^(k+1)) / (1 - r) over the
-measured cost of a round of k (in plain decode steps, timed as the engine runs), and speculates only
-when that beats a plain step by MARGIN. Refusals lower r until speculation stops; plain steps decay
-the counts back toward the prior, so a sequence tries again later (open-ended text, which n-grams
-rarely match, costs only the lookup).
+measured cost of a round of k (in plain decode steps, timed as the engine runs; a draft model's
+catching up with tokens it has not read is left out, as a prompt pass is), and speculates only when
+that beats a plain step by MARGIN. A new sequence starts from the rate of recent rounds (all
+sequences'), so a drafter that keeps failing is not tried on every request. Once refusals bring r
+below the margin, the sequence decodes plainly for BACKOFF steps (16, doubling on each failed return
+up to 1024; a round that keeps half its guesses resets it) and then tries one guess, from the prior.
+Open-ended text, which n-grams rarely match, costs only the lookup.
 """
 
 from __future__ import annotations
@@ -55,7 +58,8 @@ DRAFT_TOKENS = 8  # guesses per round at most (--draft-tokens)
 NGRAM = (3, 2)  # prompt lookup: the longest of these tail lengths that occurs earlier wins
 PRIOR = (0.6, 1.0)  # (kept, tried): a new sequence's acceptance rate prior, weighted as one guess
 DECAY = 0.9  # per round: older rounds count less
-PLAIN_DECAY = 0.98  # per plain step: the counts drift back to the prior
+SEEN_DECAY = 0.98  # per round, over all sequences: a new sequence starts from the recent rounds' rate
+BACKOFF = (16, 1024)  # plain steps a sequence waits before trying again once guesses stop paying: doubling
 MARGIN = 1.05  # speculate when the expected tokens per unit of time beat a plain step by this much
 COST_SLOPE = 0.06  # a round of k guesses costs 1 + COST_SLOPE * k plain steps until measured
 
@@ -99,6 +103,7 @@ class ModelDrafter:
         self.model = model
         self.slots = make_slots(model, 1, context)
         self.chunk = model.prompt_chunk or 256
+        self.sync_s = 0.0
 
     def draft(self, seq, k: int) -> tuple[list[int], np.ndarray | None]:
         ids = list(seq.req.prompt) + list(seq.tokens)
@@ -109,9 +114,10 @@ class ModelDrafter:
         k = min(k, room - (len(ids) - keep) + 1)
         if k < 1:
             return [], None
-        logits = None
+        logits, start = None, time.perf_counter()
         for a in range(keep, len(ids), self.chunk):
             logits = slots.prefill(0, ids[a:a + self.chunk])[-1]
+        self.sync_s = time.perf_counter() - start  # catching up: a prompt pass, not part of a round's cost
         params, out, dists = seq.req.params, [], []
         seen = None if seq.seen is None else set(seq.seen)
         for j in range(k):
@@ -138,10 +144,13 @@ def _draw(p: np.ndarray, rng: np.random.Generator) -> int:
 
 
 class SpecState:
-    """One sequence's record: decayed counts of guesses kept and tried."""
+    """One sequence's record: decayed counts of guesses kept and tried, and its back-off."""
 
-    def __init__(self):
-        self.kept, self.tried = PRIOR
+    def __init__(self, kept: float, tried: float):
+        self.kept, self.tried = kept, tried
+        self.pause = 0  # plain steps left before it tries again
+        self.backoff = BACKOFF[0]  # the next pause
+        self.probe = False  # the first round after a pause: one guess, to see whether guesses pay again
 
     @property
     def rate(self) -> float:
@@ -156,6 +165,7 @@ class Speculator:
         self.plain_s: float | None = None  # a batch-1 decode step, EMA
         self.round_s: dict[int, float] = {}  # a round of k guesses (drafting included), EMA
         self.counts = {"rounds": 0, "drafted": 0, "accepted": 0, "tokens": 0}
+        self.seen = list(PRIOR)  # (kept, tried) over every sequence, decayed: where a new sequence starts
 
     def round(self, seq, slots) -> tuple[list[int], np.ndarray] | None:
         """One round for seq, decoding alone in slots: draft, read the last token and the guesses in one
@@ -175,7 +185,7 @@ class Speculator:
         logits = slots.prefill(row, [seq.tokens[-1], *drafts], all_logits=True)  # (len(drafts) + 1, V)
         tokens = self.verify(seq, logits, drafts, q)
         slots.truncate(row, length + len(tokens))  # the last token and the kept guesses
-        self.record(seq, len(drafts), len(tokens) - 1, time.perf_counter() - start)
+        self.record(seq, len(drafts), len(tokens) - 1, time.perf_counter() - start - getattr(self.drafter, "sync_s", 0.0))
         return tokens, logits
 
     # ---- the plan ----------------------------------------------------------------------------------
@@ -186,14 +196,20 @@ class Speculator:
     def plan(self, seq, limit: int) -> int:
         """Guesses to draft for seq this round (0: a plain step), at most limit."""
         state = seq.spec
-        if state is None:
-            state = seq.spec = SpecState()
+        if state is None:  # what guesses have been worth lately, weighted as one guess
+            state = seq.spec = SpecState(self.seen[0] / self.seen[1], 1.0)
+        if state.pause > 0:
+            return 0
         best_k, best = 0, MARGIN
         r = state.rate
-        for k in range(1, min(self.max_tokens, limit) + 1):
+        for k in range(1, min(1 if state.probe else self.max_tokens, limit) + 1):
             gain = (1 - r ** (k + 1)) / (1 - r) / self.cost(k)
             if gain > best:
                 best_k, best = k, gain
+        if best_k == 0 and limit >= 1:  # guesses do not pay: plain steps for a while, then one guess to see
+            state.pause, state.backoff = state.backoff, min(2 * state.backoff, BACKOFF[1])
+            state.kept, state.tried = PRIOR
+            state.probe = True
         return best_k
 
     def cost(self, k: int) -> float:
@@ -242,6 +258,10 @@ class Speculator:
         state = seq.spec
         state.kept = state.kept * DECAY + kept
         state.tried = state.tried * DECAY + min(kept + 1, drafted)
+        if 2 * kept >= drafted:  # a round that paid: the next pause, if any, starts short again
+            state.backoff = BACKOFF[0]
+        state.probe = False
+        self.seen = [self.seen[0] * SEEN_DECAY + kept, self.seen[1] * SEEN_DECAY + min(kept + 1, drafted)]
         old = self.round_s.get(drafted)
         self.round_s[drafted] = seconds if old is None else 0.8 * old + 0.2 * seconds
         c = self.counts
@@ -254,9 +274,8 @@ class Speculator:
         """A plain batch-1 decode step took seconds (seq: the sequence it ran, if it may speculate)."""
         self.plain_s = seconds if self.plain_s is None else 0.9 * self.plain_s + 0.1 * seconds
         state = getattr(seq, "spec", None)
-        if state is not None:  # back toward the prior: a sequence that stopped speculating tries again later
-            prior_rate = PRIOR[0] / PRIOR[1]
-            state.kept = state.kept * PLAIN_DECAY + (1 - PLAIN_DECAY) * prior_rate * state.tried
+        if state is not None and state.pause > 0:
+            state.pause -= 1
 
     def stats(self) -> dict:
         c = self.counts

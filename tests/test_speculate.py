@@ -167,7 +167,8 @@ def test_a_sequence_with_a_grammar_or_penalties_decodes_plainly(always, tiny_onn
 
 
 def test_adaptive_off_where_guesses_fail():
-    """A sequence whose guesses are refused stops speculating; plain steps bring it back to try again."""
+    """A sequence whose guesses are refused stops speculating for 16 plain steps, then 32 after a failed
+    return; a round that keeps its guesses brings the short pause back."""
     spec = Speculator(NgramDrafter(), 8)
     spec.plain_s = 0.02
 
@@ -176,15 +177,25 @@ def test_adaptive_off_where_guesses_fail():
 
     seq = Seq()
     assert spec.plan(seq, 8) > 0  # the prior: worth a try
-    for _ in range(6):
-        spec.record(seq, 8, 0, 0.03)  # nothing kept, each round 1.5 plain steps
-    assert spec.plan(seq, 8) == 0
-    for _ in range(200):
+
+    def fail_until_off() -> int:
+        rounds = 0
+        while spec.plan(seq, 8) > 0:
+            spec.record(seq, 8, 0, 0.03)  # nothing kept, each round 1.5 plain steps
+            rounds += 1
+        return rounds
+
+    assert 0 < fail_until_off() < 5
+    for pause in (16, 32):
+        for _ in range(pause):
+            assert spec.plan(seq, 8) == 0
+            spec.plain(seq, 0.02)
+        assert spec.plan(seq, 8) > 0 and fail_until_off() < 5  # tries again from the prior, fails again
+    for _ in range(64):
         spec.plain(seq, 0.02)
-    assert spec.plan(seq, 8) > 0
     for _ in range(6):
         spec.record(seq, 8, 8, 0.03)  # everything kept
-    assert spec.plan(seq, 8) == 8
+    assert spec.plan(seq, 8) == 8 and seq.spec.backoff == 16
 
 
 def _cli(*argv):

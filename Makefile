@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # the demo needs the runtime and the exporter (its first run exports the default model) and nothing more
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: demo test setup browser llama-cpp
+.PHONY: demo test setup browser llama-cpp app
 
 setup: $(STAMP) browser
 
@@ -31,6 +31,11 @@ demo: $(DEMO_STAMP)
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
+
+# The desktop app: the runtime, the server and the chat page frozen by PyInstaller into dist/llama2-onnx/
+# (one folder, no Python needed to run it), built from its own runtime-only venv (build/app-venv: never torch).
+app:
+	$(PYTHON) packaging/build_app.py
 
 # llama.cpp as a bench peer (`llama2-onnx bench --peers llama.cpp`), built from llama-cpp-python's PyPI
 # source package for this CPU only (no GPU backends); takes minutes on 2 cores. `make test` does not need it.

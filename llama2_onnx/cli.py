@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from . import __version__
+from . import __version__, frozen
 from .errors import UserError
 
 # subcommand -> (module with add_arguments/run, one-line help)
@@ -32,6 +32,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     for name, (module_name, help_text) in COMMANDS.items():
+        if frozen.FROZEN and name in frozen.REFUSED:  # not in the desktop app: refused in one line
+            sub.add_parser(name, help=help_text + " (not in the desktop app)", add_help=False).add_argument(
+                "rest", nargs=argparse.REMAINDER)
+            modules[name] = None
+            continue
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
         module.add_arguments(p)
@@ -46,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        frozen.refuse(args.command)
         return modules[args.command].run(args) or 0
     except UserError as e:
         print(f"llama2-onnx {args.command}: error: {e}", file=sys.stderr)
@@ -53,6 +59,27 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def app_main(argv: list[str] | None = None) -> int:
+    """The desktop app's entry (packaging/app_main.py): the command with arguments; with none, the chat
+    page on a free port, opened in the default browser, on the model next to the app (frozen.py)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv:
+        return main(argv)
+    model = frozen.bundled_model() or _cached_default_model()
+    if model is None:
+        print(f"llama2-onnx: {frozen.no_model_message()}", file=sys.stderr)
+        return 2
+    print(f"opening the chat page for {model} (Ctrl+C stops the app)", flush=True)
+    return main(["serve", str(model), "--host", "127.0.0.1", "--port", "0", "--open"])
+
+
+def _cached_default_model():
+    from .assets import default_model_path
+
+    path = default_model_path()
+    return path if (path / "manifest.json").is_file() else None
 
 
 if __name__ == "__main__":

@@ -91,6 +91,8 @@ def check_speculative(args) -> None:
 
 
 def default_model() -> Path:
+    """The default model's folder (exported on first use); in the desktop app, the one next to it first."""
+    from llama2_onnx import frozen
     from llama2_onnx.assets import default_model_dir
 
-    return default_model_dir()
+    return frozen.bundled_model() or default_model_dir()

@@ -41,6 +41,23 @@ def test_defaults_table():
     # do_sample false: greedy, whatever else is given, the penalty kept
     assert sampling("hf", greedy=True, temperature=0.7, top_k=5, repetition_penalty=1.3) == \
         SamplingParams(repetition_penalty=1.3)
-    assert set(DEFAULTS) == {"generator", "openai", "hf", "meta"}
+    assert sampling("chat") == SamplingParams(temperature=0.6, top_p=0.9)  # Meta's Llama 2 chat values
+    assert set(DEFAULTS) == {"generator", "openai", "chat", "hf", "meta"}
     with pytest.raises(TypeError):
         sampling("openai", temprature=0.5)
+
+
+def test_a_folders_generation_config_under_each_api():
+    """transformers' rule for our API, the CLIs and Hugging Face's (sampled only with do_sample), vLLM's
+    for the OpenAI routes (its values whatever do_sample says), none for Meta's signature defaults."""
+    from llama2_onnx.runtime.generation_config import GenerationConfig
+
+    chat = GenerationConfig.parse({"do_sample": True, "temperature": 0.7, "top_p": 0.8}, "x")
+    assert sampling("generator", folder=chat) == SamplingParams(temperature=0.7, top_p=0.8, top_k=50)
+    assert sampling("generator", folder=chat, temperature=0) == SamplingParams(top_p=0.8, top_k=50)  # explicit wins
+    assert sampling("chat", folder=chat) == SamplingParams(temperature=0.7, top_p=0.8)
+    assert sampling("openai", folder=chat, top_p=0.5) == SamplingParams(temperature=0.7, top_p=0.5)
+    assert sampling("meta", folder=chat) == SamplingParams(temperature=0.6, top_p=0.9)
+    greedy = GenerationConfig.parse({"temperature": 0.7, "repetition_penalty": 1.2}, "x")  # no do_sample
+    assert sampling("generator", folder=greedy) == SamplingParams(repetition_penalty=1.2)
+    assert sampling("openai", folder=greedy) == SamplingParams(temperature=0.7, repetition_penalty=1.2)

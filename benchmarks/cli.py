@@ -114,7 +114,6 @@ def run(args) -> int:
 
 def _run_serve(args) -> int:
     import argparse
-    import json
 
     from .serve_bench import format_markdown, parse_clients, run_serve_benchmark
 
@@ -127,20 +126,13 @@ def _run_serve(args) -> int:
                                  new_tokens=args.new_tokens, threads=args.threads)
     text = format_markdown(result)
     print(text)
-    if args.json:
-        data = json.dumps(result, indent=2)
-        if args.json == "-":
-            print(data)
-        else:
-            Path(args.json).write_text(data + "\n")
+    _write_json(result, args.json)
     if args.markdown and args.markdown != "-":
         Path(args.markdown).write_text(text + "\n")
     return 0
 
 
 def _run_speculative(args) -> int:
-    import json
-
     from .speculative_bench import format_text, run
 
     if args.draft_tokens < 1:
@@ -153,13 +145,20 @@ def _run_speculative(args) -> int:
     model = Path(args.model) if args.model else _default_model()
     result = run(model, draft, max(args.new_tokens, 2), max(args.repeats, 1), draft_tokens=args.draft_tokens)
     print(format_text(result))
-    if args.json:
+    _write_json(result, args.json)
+    return 0
+
+
+def _write_json(result: dict, target: str | None) -> None:
+    """--json FILE: the result as JSON ('-': stdout)."""
+    import json
+
+    if target:
         data = json.dumps(result, indent=2)
-        if args.json == "-":
+        if target == "-":
             print(data)
         else:
-            Path(args.json).write_text(data + "\n")
-    return 0
+            Path(target).write_text(data + "\n")
 
 
 def _default_model() -> Path:

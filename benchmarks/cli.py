@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from llama2_onnx.errors import UserError
+from llama2_onnx.runtime.speculate import DRAFT_TOKENS
 
 
 def _peer_list(text: str) -> list[str]:
@@ -67,7 +68,8 @@ def add_arguments(p) -> None:
     p.add_argument("--speculative", default=None, metavar="ngram|DRAFT_FOLDER",
                    help="benchmark speculative decoding instead: one stream, on against off, on an input-grounded "
                         "and open-ended prompts (decode tok/s, guesses kept, tokens per round; benchmarks/speculative_bench.py)")
-    p.add_argument("--draft-tokens", type=int, default=8, metavar="K", help="--speculative: guesses a round at most (default 8)")
+    p.add_argument("--draft-tokens", type=int, default=DRAFT_TOKENS, metavar="K",
+                   help=f"--speculative: guesses a round at most (default {DRAFT_TOKENS})")
 
 
 def run(args) -> int:

@@ -45,13 +45,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if frozen.FROZEN and argv and argv[0] in frozen.REFUSED:  # whatever options follow: one line
+        print(f"llama2-onnx {argv[0]}: error: {frozen.REFUSED[argv[0]]}", file=sys.stderr)
+        return 2
     parser, modules = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
     try:
-        frozen.refuse(args.command)
         return modules[args.command].run(args) or 0
     except UserError as e:
         print(f"llama2-onnx {args.command}: error: {e}", file=sys.stderr)

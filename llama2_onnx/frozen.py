@@ -35,7 +35,9 @@ def app_dir() -> Path:
 
 
 def bundled_model() -> Path | None:
-    """The model folder shipped next to the executable, if there is one."""
+    """The model folder shipped next to the desktop app's executable, if there is one (never outside it)."""
+    if not FROZEN:
+        return None
     folder = app_dir() / MODEL_DIR_NAME
     return folder if (folder / "manifest.json").is_file() else None
 
@@ -43,12 +45,6 @@ def bundled_model() -> Path | None:
 def no_model_message() -> str:
     return (f"no model to open: put an exported model folder named '{MODEL_DIR_NAME}' next to {Path(sys.executable).name} "
             f"(in {app_dir()}), or start it with one: {Path(sys.executable).name} serve --open FOLDER")
-
-
-def refuse(command: str) -> None:
-    """UserError naming why the frozen app cannot run command (when it cannot)."""
-    if FROZEN and command in REFUSED:
-        raise UserError(REFUSED[command])
 
 
 def relaunch_refused(what: str) -> None:

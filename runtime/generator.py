@@ -9,7 +9,8 @@ server drives: calls from several threads are decoded together in one batch (eac
 exactly what it would get alone: the engine's rows are bit-exact), a batch of prompts is
 max_batch rows at a time, and stop tokens, stop strings, limits and finish reasons ("stop",
 "length", "cancelled") follow runtime/sequence.py's rules. A stream is pulled: the engine decodes
-one token ahead of what the caller has read, so a paused reader costs one token at most, and
+one token ahead of what the caller has read, so a paused reader costs one token at most (one
+speculative round, with speculative=), and
 `stream.cancel()` from any thread ends it before its next step. A finished call's rows keep their
 KV cache (runtime/prefix_cache.py): the next turn of a chat, which repeats the dialog so far, reads
 only its new message, so `stream_chat` turn after turn answers as fast at the tenth turn as at the first.

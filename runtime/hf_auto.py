@@ -308,7 +308,8 @@ class CausalLM:
             keep = mask[b] != 0
             row = ids[b][keep][None]
             if row.shape[1]:
-                out[b, keep] = model.step(row, np.ones_like(row), model.new_cache(np.ones_like(row)), all_logits=True)[0]
+                cache = model.new_cache(np.ones_like(row), capacity=row.shape[1])  # not a full context per row
+                out[b, keep] = model.step(row, np.ones_like(row), cache, all_logits=True)[0]
         return ModelOutput(logits=_as(input_ids, out))
 
     forward = __call__
@@ -370,8 +371,7 @@ class CausalLM:
             if limit < 1:
                 raise UserError(f"max_length {cfg.max_length} leaves no room after the input's {input_len} tokens; "
                                 "raise it or pass max_new_tokens")
-        params = sampling("hf", greedy=not cfg.do_sample, **{k: cfg.given.get(k) for k in
-                                                             ("temperature", "top_p", "top_k", "repetition_penalty")})
+        params = sampling("hf", folder=cfg)  # the merged config: its do_sample and values over transformers' defaults
         eos = cfg.eos_token_id if cfg.eos_token_id is not None else self.config.eos_ids
         eos = tuple(eos if isinstance(eos, list) else [eos])
         pad = cfg.pad_token_id if cfg.pad_token_id is not None else eos[0]

@@ -66,11 +66,8 @@ class TextGenerationPipeline:
             raise UserError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
         # greedy without do_sample: transformers ignores temperature, top_p and top_k then too; left out,
         # do_sample and the sampling values are the folder's generation_config.json's (transformers' rule)
-        folder = self.generator.generation
-        if do_sample is None:
-            do_sample = folder.do_sample
-        params = sampling("hf", folder=folder, greedy=not do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
-                          repetition_penalty=repetition_penalty)
+        params = sampling("hf", folder=self.generator.generation, do_sample=do_sample, temperature=temperature,
+                          top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
         results = self.generator.generate_ids(prompts, limits, params, seed=seed, response_format=response_format)
         outputs = [[{"generated_text": self._output(x, r.tokens, return_full_text)}] for x, r in zip(inputs, results)]
         return outputs[0] if single else outputs

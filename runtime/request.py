@@ -45,10 +45,15 @@ def folder_defaults(api: str, folder: GenerationConfig | None) -> dict[str, floa
     return {k: v for k, v in folder.sampling.items() if k == "repetition_penalty"}
 
 
-def sampling(api: str, *, greedy: bool = False, folder: GenerationConfig | None = None,
+def sampling(api: str, *, greedy: bool = False, do_sample: bool | None = None, folder: GenerationConfig | None = None,
              **given: float | int | None) -> SamplingParams:
     """SamplingParams from the fields a request gives (None: the default: the folder's generation config,
-    else the API's); greedy keeps only the repetition penalty (Hugging Face's do_sample=False)."""
+    else the API's); greedy keeps only the repetition penalty (Hugging Face's do_sample=False).
+    do_sample (Hugging Face's APIs): greedy unless true; None: the folder's do_sample, else greedy."""
+    if do_sample is None and folder is not None and api == "hf":
+        do_sample = folder.do_sample
+    if do_sample is not None:
+        greedy = not do_sample
     defaults = {**DEFAULTS[api], **folder_defaults(api, folder)}
     if unknown := set(given) - set(defaults):
         raise TypeError(f"unknown sampling fields {sorted(unknown)}")

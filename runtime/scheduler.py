@@ -29,8 +29,8 @@ goes next (the oldest such first): a long prompt advances at least one chunk eve
 runs while other readers come and go (every max_batch - 1 others can be ahead of it at most once
 more each when several starve together).
 
-A pulled sequence (credit 0: its reader has not asked for the next token yet) sits out decode
-steps, keeping its row, until credit is granted.
+A pulled sequence (credit 0 or less: its reader has not asked for the next token yet; a speculative
+round may take it below 0) sits out decode steps, keeping its row, until credit is granted.
 
 Deep chunks: while streams are decoding, a chunk far into a long prompt is shortened (chunk()), so
 that one run's work, and with it a stream's wait, stays near a first chunk's at any depth.
@@ -108,11 +108,11 @@ class Scheduler:
         prefill = self._group(self._next_reader(readers)) if readers else []
         for seq in readers:
             seq.skipped = 0 if seq in prefill else seq.skipped + 1
-        streams = any(not s.reading and s.credit != 0 for s in self.running)
+        streams = any(not s.reading and _may_decode(s) for s in self.running)
         chunks = [self.chunk(s, streams) for s in prefill]
         # a reader whose prompt ends in this run samples its first token there, then decodes with the rest
         ends = {id(s) for s, c in zip(prefill, chunks) if s.remaining_prompt <= len(c)}
-        decode = [s for s in self.running if (not s.reading or id(s) in ends) and s.credit != 0]
+        decode = [s for s in self.running if (not s.reading or id(s) in ends) and _may_decode(s)]
         return Plan(prefill, chunks, decode)
 
     def chunk(self, seq: Sequence, streams: bool = False) -> tuple[int, ...]:
@@ -170,3 +170,7 @@ class Scheduler:
             group.append(nxt)
             lo, hi = min(lo, nxt.slot), max(hi, nxt.slot)
         return sorted(group, key=lambda s: s.slot)
+
+
+def _may_decode(seq: Sequence) -> bool:
+    return seq.credit is None or seq.credit > 0

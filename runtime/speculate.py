@@ -44,6 +44,7 @@ Open-ended text, which n-grams rarely match, costs only the lookup.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Protocol
 
@@ -52,9 +53,13 @@ import numpy as np
 from llama2_onnx.errors import UserError
 
 from .prefix_cache import common_prefix
+from .sampler import _draw as draw
 from .sampler import probs, sample
 
+log = logging.getLogger(__name__)
+
 DRAFT_TOKENS = 8  # guesses per round at most (--draft-tokens)
+STEADY_READ = 2  # tokens a draft model reads to catch up after a round, at most, when its guesses hold
 NGRAM = (3, 2)  # prompt lookup: the longest of these tail lengths that occurs earlier wins
 PRIOR = (0.6, 1.0)  # (kept, tried): a new sequence's acceptance rate prior, weighted as one guess
 DECAY = 0.9  # per round: older rounds count less
@@ -65,6 +70,8 @@ COST_SLOPE = 0.06  # a round of k guesses costs 1 + COST_SLOPE * k plain steps u
 
 
 class Drafter(Protocol):
+    sync_s: float  # of the last draft's time, what a round's cost leaves out (a draft model catching up)
+
     def draft(self, seq, k: int) -> tuple[list[int], np.ndarray | None]:
         """Up to k guesses of seq's next tokens, and their draft distributions q (k, V) where they were
         drawn (None: certain guesses)."""
@@ -72,7 +79,10 @@ class Drafter(Protocol):
 
 
 class NgramDrafter:
-    """Prompt lookup: the tokens after the latest earlier occurrence of the sequence's last n tokens."""
+    """Prompt lookup: the tokens after the latest earlier occurrence of the sequence's last n tokens (a
+    match inside a loop, overlapping the tail, is continued around the loop)."""
+
+    sync_s = 0.0
 
     def __init__(self, ngram: tuple[int, ...] = NGRAM):
         self.ngram = ngram
@@ -86,7 +96,11 @@ class NgramDrafter:
             starts = np.flatnonzero(ids[:-n] == tail[0])  # candidate starts, the tail itself excluded
             for s in starts[::-1]:  # the latest occurrence first
                 if s + n < len(ids) and np.array_equal(ids[s:s + n], tail):
-                    return ids[s + n:s + n + k].tolist(), None
+                    out = ids[s + n:s + n + k].tolist()
+                    period = len(ids) - n - s  # a match overlapping the tail: a loop, guessed on around
+                    while len(out) < k:
+                        out.append(out[len(out) - period])
+                    return out, None
         return [], None
 
 
@@ -117,7 +131,10 @@ class ModelDrafter:
         logits, start = None, time.perf_counter()
         for a in range(keep, len(ids), self.chunk):
             logits = slots.prefill(0, ids[a:a + self.chunk])[-1]
-        self.sync_s = time.perf_counter() - start  # catching up: a prompt pass, not part of a round's cost
+        # catching up past what a steady round reads (the last round's kept guesses and token, which
+        # also give the first guess's logits) is a prompt pass, not a round's cost
+        read = len(ids) - keep
+        self.sync_s = (time.perf_counter() - start) * max(0, read - STEADY_READ) / read
         params, out, dists = seq.req.params, [], []
         seen = None if seq.seen is None else set(seq.seen)
         for j in range(k):
@@ -138,9 +155,8 @@ class ModelDrafter:
 
 
 def _draw(p: np.ndarray, rng: np.random.Generator) -> int:
-    """One token from a distribution (float64, summing to about 1)."""
-    c = np.cumsum(p)
-    return int(min(np.searchsorted(c, rng.random() * c[-1], side="right"), len(p) - 1))
+    """One token from weights (V,) (>= 0, some > 0): the sampler's inverse CDF."""
+    return int(draw(p[None, :], rng)[0])
 
 
 class SpecState:
@@ -166,26 +182,34 @@ class Speculator:
         self.round_s: dict[int, float] = {}  # a round of k guesses (drafting included), EMA
         self.counts = {"rounds": 0, "drafted": 0, "accepted": 0, "tokens": 0}
         self.seen = list(PRIOR)  # (kept, tried) over every sequence, decayed: where a new sequence starts
+        self.failed = False  # the drafter raised: no more rounds
 
     def round(self, seq, slots) -> tuple[list[int], np.ndarray] | None:
         """One round for seq, decoding alone in slots: draft, read the last token and the guesses in one
         pass, keep what the rule keeps and cut the row back to it. (the tokens seq takes, the logits each
         was chosen from); None when no round pays now (or nothing was guessed): a plain step instead."""
-        if not self.eligible(seq):
+        if self.failed or not self.eligible(seq):
             return None
         row = seq.slot
         length = int(slots.lengths[row])
+        # (a pulled stream may end a round up to k tokens past its credit: it then waits, credit below 0,
+        # until its reader has taken them: a paused reader costs one round at most)
         k = self.plan(seq, min(seq.budget - len(seq.tokens) - 1, slots.capacity - length - 1))
         if k < 1:
             return None
         start = time.perf_counter()
-        drafts, q = self.drafter.draft(seq, k)
+        try:
+            drafts, q = self.drafter.draft(seq, k)
+        except Exception:  # the draft model's failure is not the request's: decode plainly from now on
+            log.exception("the drafter failed; speculative decoding is off for this engine")
+            self.failed = True
+            return None
         if not drafts:
             return None
         logits = slots.prefill(row, [seq.tokens[-1], *drafts], all_logits=True)  # (len(drafts) + 1, V)
         tokens = self.verify(seq, logits, drafts, q)
         slots.truncate(row, length + len(tokens))  # the last token and the kept guesses
-        self.record(seq, len(drafts), len(tokens) - 1, time.perf_counter() - start - getattr(self.drafter, "sync_s", 0.0))
+        self.record(seq, len(drafts), len(tokens) - 1, time.perf_counter() - start - self.drafter.sync_s)
         return tokens, logits
 
     # ---- the plan ----------------------------------------------------------------------------------
@@ -273,7 +297,7 @@ class Speculator:
     def plain(self, seq, seconds: float) -> None:
         """A plain batch-1 decode step took seconds (seq: the sequence it ran, if it may speculate)."""
         self.plain_s = seconds if self.plain_s is None else 0.9 * self.plain_s + 0.1 * seconds
-        state = getattr(seq, "spec", None)
+        state = seq.spec
         if state is not None and state.pause > 0:
             state.pause -= 1
 

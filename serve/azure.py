@@ -7,8 +7,10 @@
     {"input_data": {"input_string": [{"role": "user", "content": "..."}], "parameters": {...}}}
     -> {"output": "<the assistant's answer>"}
 
-Parameters are Hugging Face generate()'s: do_sample false (the default) is greedy; with
-do_sample true, temperature, top_p and top_k default to Hugging Face's 1.0, 1.0 and 50.
+Parameters are Hugging Face generate()'s, with the model folder's generation_config.json as
+defaults where it has one (transformers' rule: runtime/request.py): do_sample false (the default
+without one) is greedy; with do_sample true, temperature, top_p and top_k default to the file's
+values, else Hugging Face's 1.0, 1.0 and 50.
 return_full_text (default true) puts the prompt before the continuation, as the card's sample
 output shows; max_new_tokens defaults to 128, clipped to the context left.
 """
@@ -24,10 +26,8 @@ DEFAULT_MAX_NEW_TOKENS = 128
 
 
 def _request(service: Service, ids: list[int], p: ScoreParameters, param: str):
-    folder = service.gen.generation  # the folder's generation_config.json, under what the request gives
-    do_sample = folder.do_sample if p.do_sample is None else p.do_sample
-    params = sampling("hf", folder=folder, greedy=not do_sample, temperature=p.temperature, top_p=p.top_p,
-                      top_k=p.top_k, repetition_penalty=p.repetition_penalty)
+    params = sampling("hf", folder=service.gen.generation, do_sample=p.do_sample, temperature=p.temperature,
+                      top_p=p.top_p, top_k=p.top_k, repetition_penalty=p.repetition_penalty)
     asked = DEFAULT_MAX_NEW_TOKENS if p.max_new_tokens is None else p.max_new_tokens
     n = service.budget(len(ids), asked, explicit=p.max_new_tokens is not None, param=param)
     return service.make_request(ids, n, params)

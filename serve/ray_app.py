@@ -36,6 +36,8 @@ from pathlib import Path
 from ray import serve
 from ray.serve import Application
 
+from llama2_onnx.runtime.speculate import DRAFT_TOKENS
+
 from .app import MAX_BODY, ServerState, create_app
 from .service import Service
 
@@ -69,7 +71,7 @@ class ReplicaOptions:
     prefix_cache: bool = True
     prefix_cache_gb: float = 1.0
     speculative: str | None = None  # "ngram" or a draft model folder (runtime/speculate.py)
-    draft_tokens: int = 8
+    draft_tokens: int = DRAFT_TOKENS
 
     def __post_init__(self):
         if self.threads < 1 or self.max_batch < 1 or self.max_queue < 0 or self.max_body < 1:

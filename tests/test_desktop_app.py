@@ -62,7 +62,8 @@ def test_generate_equals_the_venv(app, tiny_onnx_ort, tmp_path):
 
 
 def test_what_it_cannot_do_is_one_line(app, tmp_path):
-    for command in (["export", "x", "y"], ["bench"]):
+    for command in (["export", "x", "y"], ["export", "x", "y", "--graph", "ort"], ["export", "--help"], ["bench"],
+                    ["bench", "--speculative", "ngram"]):
         done = subprocess.run([*_env(tmp_path), str(app / "llama2-onnx"), *command], capture_output=True, text=True,
                               timeout=120)
         assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr

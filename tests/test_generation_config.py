@@ -16,11 +16,12 @@ from llama2_onnx.export.api import export_model
 from llama2_onnx.runtime import Generator
 from llama2_onnx.runtime.generation_config import GenerationConfig
 
-# Llama-2-7b-chat's own file
-LLAMA2_CHAT = {"bos_token_id": 1, "do_sample": True, "eos_token_id": 2, "pad_token_id": 0, "temperature": 0.6,
-               "max_length": 4096, "top_p": 0.9, "transformers_version": "4.32.0.dev0"}
+# Llama-2-7b-chat's own file with other values (its own 0.6 / 0.9 are also the fallback chat values,
+# which would hide a file that is not read)
+LLAMA2_CHAT = {"bos_token_id": 1, "do_sample": True, "eos_token_id": 2, "pad_token_id": 0, "temperature": 0.7,
+               "max_length": 4096, "top_p": 0.8, "transformers_version": "4.32.0.dev0"}
 # what those defaults are, spelled out (transformers' top_k 50 where the file names none)
-EXPLICIT = dict(temperature=0.6, top_p=0.9, top_k=50)
+EXPLICIT = dict(temperature=0.7, top_p=0.8, top_k=50)
 DIALOG = [{"role": "user", "content": "Tell me a story about a fox."}]
 
 
@@ -66,7 +67,7 @@ def test_pipeline_and_automodel_read_it(chat_folder):
 
     model = AutoModelForCausalLM.from_pretrained(chat_folder)
     try:
-        assert model.generation_config.do_sample and model.generation_config.temperature == 0.6
+        assert model.generation_config.do_sample and model.generation_config.temperature == 0.7
         inputs = AutoTokenizer.from_pretrained(chat_folder)("Once upon a time", return_tensors="np")
         a = model.generate(**inputs, max_new_tokens=10, seed=5)
         assert (a == model.generate(**inputs, max_new_tokens=10, seed=5, do_sample=True, **EXPLICIT)).all()
@@ -81,8 +82,8 @@ def test_pipeline_and_automodel_read_it(chat_folder):
 
 def test_the_cli_chat_uses_it(chat_folder):
     given = _cli("chat", str(chat_folder), "--max-new-tokens", "10", "--seed", "3", stdin="Tell me a story about a fox.\n")
-    spelled = _cli("chat", str(chat_folder), "--max-new-tokens", "10", "--seed", "3", "--temperature", "0.6",
-                   "--top-p", "0.9", "--top-k", "50", stdin="Tell me a story about a fox.\n")
+    spelled = _cli("chat", str(chat_folder), "--max-new-tokens", "10", "--seed", "3", "--temperature", "0.7",
+                   "--top-p", "0.8", "--top-k", "50", stdin="Tell me a story about a fox.\n")
     assert given.returncode == 0 and spelled.returncode == 0, given.stderr + spelled.stderr
     assert given.stdout == spelled.stdout
 
@@ -99,8 +100,8 @@ def test_the_server_and_its_page_settings(chat_folder, tiny_onnx_ort):
 
     with serving(chat_folder, model_id="m") as (url, _):
         card = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]
-        assert card["chat_defaults"] == {"temperature": 0.6, "top_p": 0.9, "max_tokens": None}
-        assert ask(url) == ask(url, temperature=0.6, top_p=0.9)  # the OpenAI route: the file's values, no top_k
+        assert card["chat_defaults"] == {"temperature": 0.7, "top_p": 0.8, "max_tokens": None}
+        assert ask(url) == ask(url, temperature=0.7, top_p=0.8)  # the OpenAI route: the file's values, no top_k
     with serving(tiny_onnx_ort, model_id="m") as (url, _):  # no generation_config.json: Meta's chat values
         card = httpx.get(url + "/v1/models", timeout=30).json()["data"][0]
         assert card["chat_defaults"] == {"temperature": 0.6, "top_p": 0.9, "max_tokens": None}
@@ -125,5 +126,5 @@ def test_a_bad_file_stops_the_export_in_one_line(tiny_hf_checkpoint, tmp_path, c
 
 def test_parse_keeps_what_it_uses():
     gc = GenerationConfig.parse({**LLAMA2_CHAT, "num_beams": 1, "top_k": None}, "x")
-    assert gc.sampling == {"temperature": 0.6, "top_p": 0.9} and gc.top_k == 50 and gc.eos_token_id == 2
+    assert gc.sampling == {"temperature": 0.7, "top_p": 0.8} and gc.top_k == 50 and gc.eos_token_id == 2
     assert GenerationConfig().do_sample is False and GenerationConfig().max_length == 20

